@@ -1,0 +1,5 @@
+import sys
+
+from codeling.cli import main
+
+sys.exit(main())

@@ -1,0 +1,155 @@
+"""The `codeling` command line: argument parsing and dispatch only.
+
+Every user-facing failure is a `CodelingError`, printed as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from codeling.errors import CodelingError
+
+
+def _add_quickstart(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "quickstart", help="train a tokenizer and a tiny model on real code, then sample from it",
+        description="Train a byte-level BPE tokenizer and a tiny model on the Python standard "
+        "library and the shell scripts of this machine, within a wall-clock budget, then print "
+        "code samples and the validation loss. Works offline.")
+    parser.add_argument("--minutes", type=float, default=5.0,
+                        help="total wall-clock budget in minutes, tokenizer and data included "
+                        "(default: 5)")
+    parser.add_argument("--run-dir", default="runs/quickstart",
+                        help="directory for everything the run writes (default: runs/quickstart)")
+    parser.add_argument("--arch", default="dense", choices=["dense"],
+                        help="model architecture (default: dense)")
+    parser.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key, for example "
+                        "train.batch_size=8; repeatable")
+    parser.add_argument("--force", action="store_true",
+                        help="delete an existing run directory first, instead of stopping")
+
+
+def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("tokenizer", help="stage 0: train or inspect a BPE tokenizer")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    train = actions.add_parser("train", help="train a byte-level BPE tokenizer on sources")
+    train.add_argument("--sources", nargs="+", default=["python-stdlib", "shell-scripts"],
+                       help="source specs: python-stdlib, shell-scripts, files:GLOB, "
+                       "jsonl:PATH[:FIELD], hf:DATASET (default: python-stdlib shell-scripts)")
+    train.add_argument("--vocab-size", type=int, default=4096,
+                       help="vocabulary size in tokens, special tokens included (default: 4096)")
+    train.add_argument("--max-bytes-per-source", type=int, default=8_000_000,
+                       help="text sampled from each source, in bytes (default: 8000000)")
+    train.add_argument("--out", required=True, help="output directory for tokenizer.json")
+
+
+def _add_data(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("data", help="tokenize sources into memmapped shards")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    prepare = actions.add_parser("prepare", help="deduplicate, split and tokenize sources")
+    prepare.add_argument("--sources", nargs="+", required=True, help="source specs to prepare")
+    prepare.add_argument("--tokenizer", required=True,
+                         help="tokenizer.json or a directory containing it")
+    prepare.add_argument("--out", required=True,
+                         help="output directory; each source gets a sub-directory")
+    prepare.add_argument("--val-fraction", type=float, default=0.05,
+                         help="fraction of documents held out for validation (default: 0.05)")
+    prepare.add_argument("--workers", type=int, default=0,
+                         help="tokenizer processes; 0 = one per CPU core (default: 0)")
+    prepare.add_argument("--max-documents", type=int, default=0,
+                         help="documents taken per source; 0 = all (default: 0)")
+
+
+def _add_train(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("train", help="train a model from a YAML run config")
+    parser.add_argument("--config", help="run config YAML, for example configs/runs/dense-tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config key, for example train.lr=0.001; repeatable")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint of the run's stage")
+
+
+def _add_generate(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("generate", help="complete a prompt with a trained model")
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run directory, stage directory or checkpoint directory")
+    parser.add_argument("--prompt", required=True, help="text to complete")
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="tokens to generate at most (default: 128)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0 = greedy (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=0,
+                        help="sample from the k most likely tokens; 0 = off (default: 0)")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="nucleus sampling probability mass, in (0, 1] (default: 0.95)")
+    parser.add_argument("--stop", action="append", default=[],
+                        help="stop before this string; repeatable")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the `codeling` command."""
+    parser = argparse.ArgumentParser(
+        prog="codeling", description="Train small code language models from scratch and use them.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart(commands)
+    _add_tokenizer(commands)
+    _add_data(commands)
+    _add_train(commands)
+    _add_generate(commands)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "quickstart":
+        from codeling.stages.quickstart import run_quickstart
+
+        run_quickstart(minutes=args.minutes, run_dir=Path(args.run_dir), arch=args.arch,
+                       seed=args.seed, overrides=args.overrides, force=args.force)
+    elif args.command == "tokenizer":
+        from codeling.stages.commands import train_tokenizer_command
+
+        train_tokenizer_command(args.sources, args.vocab_size, args.max_bytes_per_source,
+                                Path(args.out))
+    elif args.command == "data":
+        from codeling.stages.commands import prepare_data_command
+
+        prepare_data_command(args.sources, args.tokenizer, Path(args.out), args.val_fraction,
+                             args.workers, args.max_documents)
+    elif args.command == "train":
+        from codeling.config import load_config
+        from codeling.stages.pretrain import run_training
+
+        run_training(load_config(args.config, args.overrides), resume=args.resume)
+    elif args.command == "generate":
+        from codeling.stages.commands import generate_command
+
+        generate_command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `codeling` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
+    try:
+        _run(args)
+    except CodelingError as error:
+        print(f"codeling: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("codeling: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

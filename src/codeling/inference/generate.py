@@ -1,0 +1,128 @@
+"""Text generation with the decoding cache, stop strings and streamed output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from codeling.errors import CodelingError
+from codeling.inference.sampling import sample_next
+from codeling.models.decoder import CodeModel
+from codeling.tokenizer import Tokenizer
+from codeling.training import checkpoint as ckpt
+from codeling.training.device import autocast, resolve_device, use_bf16
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.95
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Raise CodelingError for out-of-range sampling settings."""
+        if self.max_new_tokens <= 0:
+            raise CodelingError(f"max new tokens must be positive, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise CodelingError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise CodelingError(f"top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise CodelingError(f"top-p must be in (0, 1], got {self.top_p}")
+
+
+class Generator:
+    """A loaded model and tokenizer that stream completions for a prompt."""
+
+    def __init__(self, model: CodeModel, tokenizer: Tokenizer, device: torch.device, bf16: bool):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.bf16 = bf16
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto",
+                        precision: str = "auto") -> "Generator":
+        """Load the newest checkpoint under a run, stage or checkpoint directory."""
+        loaded = ckpt.read_checkpoint_config(ckpt.resolve_checkpoint(path))
+        tokenizer = Tokenizer.load(loaded.tokenizer_path)
+        ckpt.check_tokenizer(loaded.meta, loaded.path, tokenizer.fingerprint,
+                             str(loaded.tokenizer_path))
+        model = CodeModel(loaded.config.model)
+        ckpt.load_weights(model, loaded.path)
+        target = resolve_device(device)
+        return cls(model.to(target), tokenizer, target, use_bf16(precision, target))
+
+    def stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:
+        """Yield the completion piece by piece; stop at max tokens, eos or a stop string."""
+        config.validate()
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
+        limit = self.model.config.max_seq_len
+        if len(ids) >= limit:
+            raise CodelingError(f"prompt is {len(ids)} tokens but the model's context is {limit}; "
+                                "shorten the prompt")
+        max_new = min(config.max_new_tokens, limit - len(ids))
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        yield from self._decode(ids, max_new, config, generator)
+
+    @torch.inference_mode()
+    def _decode(self, ids: list[int], max_new: int, config: GenerationConfig,
+                generator: torch.Generator | None) -> Iterator[str]:
+        cache = self.model.new_cache(1, len(ids) + max_new)
+        tokens = torch.tensor([ids], device=self.device)  # (1, T)
+        new_ids: list[int] = []
+        emitted = ""
+        for _ in range(max_new):
+            with autocast(self.device, self.bf16):
+                logits = self.model(tokens, cache)[:, -1]  # (1, V)
+            next_id = int(sample_next(logits, config.temperature, config.top_k, config.top_p,
+                                      generator)[0])
+            if next_id == self.tokenizer.eos_id:
+                break
+            new_ids.append(next_id)
+            text = self.tokenizer.decode(new_ids)
+            if text.endswith("\ufffd"):
+                tokens = torch.tensor([[next_id]], device=self.device)
+                continue  # an incomplete UTF-8 sequence; wait for the next byte token
+            stop_at = _first_stop(text, config.stop)
+            if stop_at is not None:
+                if stop_at > len(emitted):
+                    yield text[len(emitted):stop_at]
+                return
+            # Hold back a tail that could be the start of a stop string.
+            safe = len(text) - _longest_stop_prefix(text, config.stop)
+            if safe > len(emitted):
+                yield text[len(emitted):safe]
+                emitted = text[:safe]
+            tokens = torch.tensor([[next_id]], device=self.device)
+        text = self.tokenizer.decode(new_ids)
+        if len(text) > len(emitted):
+            yield text[len(emitted):]
+
+    def complete(self, prompt: str, config: GenerationConfig) -> str:
+        """Return the whole completion as one string."""
+        return "".join(self.stream(prompt, config))
+
+
+def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(positions) if positions else None
+
+
+def _longest_stop_prefix(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of some stop string."""
+    longest = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                longest = max(longest, size)
+                break
+    return longest

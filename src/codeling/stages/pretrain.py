@@ -1,0 +1,234 @@
+"""Next-token pretraining of one stage: tokenizer (stage 0), data shards, model, trainer.
+
+`run_training(config, resume)` is what `codeling train` runs. It checks every input before it
+writes anything, so a bad source, a clash with an existing run, or a mismatched checkpoint
+stops the run with nothing overwritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codeling.config import RunConfig, config_to_dict, save_config
+from codeling.data import shards, sources
+from codeling.data.loader import PackedLoader, iter_eval_batches
+from codeling.errors import CheckpointError, CodelingError
+from codeling.models.decoder import CodeModel
+from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
+from codeling.training import checkpoint as ckpt
+from codeling.training.device import resolve_device, use_bf16
+from codeling.training.trainer import Trainer, TrainResult, ValidationSplit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PreparedData:
+    names: list[str]
+    train: list  # one 1-D token array per source
+    val: list
+    val_bytes_per_token: list[float]
+    train_tokens: list[int]
+
+
+# -- stage 0: tokenizer --------------------------------------------------------------------------
+
+
+def sample_texts(spec: str, max_bytes: int, val_fraction: float) -> list[str]:
+    """Collect training-split documents of one source up to max_bytes of UTF-8 text."""
+    texts, total = [], 0
+    for text in sources.iter_unique(sources.open_source(spec).iter_documents()):
+        if sources.split_of(text, val_fraction) != "train":
+            continue  # keep held-out text unseen, so bits per byte stay honest
+        texts.append(text)
+        total += len(text.encode("utf-8"))
+        if total >= max_bytes:
+            break
+    return texts
+
+
+def ensure_tokenizer(config: RunConfig, run_dir: Path) -> Tokenizer:
+    """Load the run's tokenizer, copy a given one into the run, or train one (stage 0)."""
+    target = run_dir / "tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return Tokenizer.load(target)
+    if config.tokenizer.path:
+        tokenizer = Tokenizer.load(config.tokenizer.path)
+        tokenizer.save(target)
+        return tokenizer
+    specs = config.tokenizer.sources or config.data.sources
+    samples = {spec: sample_texts(spec, config.tokenizer.max_bytes_per_source,
+                                  config.data.val_fraction) for spec in specs}
+    log.info("training a %d-token byte-level BPE tokenizer on %s", config.tokenizer.vocab_size,
+             ", ".join(f"{spec} ({sum(len(t) for t in texts) / 1e6:.1f}M chars)"
+                       for spec, texts in samples.items()))
+    all_texts = [text for texts in samples.values() for text in texts]
+    tokenizer = train_tokenizer(all_texts, config.tokenizer.vocab_size)
+    for spec, texts in samples.items():
+        log.info("tokenizer: %.2f bytes per token on %s", bytes_per_token(tokenizer, texts), spec)
+    tokenizer.save(target)
+    return tokenizer
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+
+def ensure_data(config: RunConfig, run_dir: Path, tokenizer: Tokenizer) -> PreparedData:
+    """Tokenize every source into shards under run_dir/data (reused when already there)."""
+    data = config.data
+    names, train, val, ratios, counts = [], [], [], [], []
+    for spec in data.sources:
+        out_dir = run_dir / "data" / sources.source_name(spec)
+        if not (out_dir / "manifest.json").is_file():
+            shards.prepare_source(spec, tokenizer, out_dir, val_fraction=data.val_fraction,
+                                  num_workers=data.num_workers or None,
+                                  max_documents=data.max_documents or None)
+        manifest = shards.read_manifest(out_dir)
+        train_tokens = shards.load_split(out_dir, "train", tokenizer.fingerprint)
+        val_tokens = shards.load_split(out_dir, "val", tokenizer.fingerprint)
+        names.append(sources.source_name(spec))
+        train.append(train_tokens)
+        val.append(val_tokens)
+        counts.append(len(train_tokens))
+        val_stats = manifest["splits"]["val"]
+        ratios.append(val_stats["bytes"] / max(val_stats["tokens"], 1))
+    return PreparedData(names, train, val, ratios, counts)
+
+
+def mixture_weights(config: RunConfig, data: PreparedData) -> list[float]:
+    """Return the sampling weight of each source: configured, or proportional to its tokens."""
+    weights = config.data.weights or [float(n) for n in data.train_tokens]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def build_loaders(config: RunConfig, data: PreparedData) -> tuple[PackedLoader, list[ValidationSplit]]:
+    train = config.train
+    usable = [i for i, n in enumerate(data.train_tokens) if n > train.seq_len]
+    if not usable:
+        raise CodelingError(f"no source has more than train.seq_len={train.seq_len} training "
+                            "tokens; add data or lower train.seq_len")
+    weights = mixture_weights(config, data)
+    loader = PackedLoader([data.train[i] for i in usable], weights=[weights[i] for i in usable],
+                          batch_size=train.batch_size, seq_len=train.seq_len, seed=train.seed)
+    splits = []
+    for name, tokens, ratio in zip(data.names, data.val, data.val_bytes_per_token):
+        if len(tokens) <= train.seq_len:
+            log.warning("validation split of %s has only %d tokens; it is not evaluated",
+                        name, len(tokens))
+            continue
+        batches = (lambda tokens=tokens: iter_eval_batches(
+            tokens, train.batch_size, train.seq_len, train.eval_batches))
+        splits.append(ValidationSplit(name, batches, ratio))
+    return loader, splits
+
+
+# -- model and start-up report -------------------------------------------------------------------
+
+
+def build_model(config: RunConfig, tokenizer: Tokenizer) -> CodeModel:
+    """Build the model, taking the vocabulary size from the tokenizer when it is unset."""
+    model_config = config.model
+    if model_config.vocab_size == 0:
+        model_config.vocab_size = tokenizer.vocab_size
+    elif model_config.vocab_size < tokenizer.vocab_size:
+        raise CodelingError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
+                            f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0")
+    return CodeModel(model_config)
+
+
+def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16: bool) -> None:
+    """Log parameter counts, FLOPs per token and every derived setting with its reason."""
+    m, t = config.model, config.train
+    log.info("model: %s, %d layers (%s), d_model %d, %d heads / %d kv heads, d_ff %d%s",
+             m.arch, m.n_layers, m.resolved_layer_pattern(), m.d_model, m.n_heads,
+             m.resolved_kv_heads(), m.resolved_d_ff(),
+             " (derived: 8/3 * d_model rounded up to 64)" if not m.d_ff else "")
+    log.info("parameters: %.2fM total, %.2fM without the embedding table",
+             model.num_parameters() / 1e6, model.num_parameters(exclude_embeddings=True) / 1e6)
+    log.info("FLOPs per token (train, forward + backward): %.1fM at seq_len %d",
+             model.flops_per_token(t.seq_len) / 1e6, t.seq_len)
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
+    log.info("tokens per optimizer step: %d = batch %d x seq_len %d x grad_accum %d",
+             tokens_per_step, t.batch_size, t.seq_len, t.grad_accum)
+    budget = [f"{t.max_steps} steps"]
+    if t.max_tokens:
+        budget.append(f"{t.max_tokens} tokens ({math.ceil(t.max_tokens / tokens_per_step)} steps)")
+    if t.max_minutes:
+        budget.append(f"{t.max_minutes:g} minutes")
+    log.info("budget: whichever comes first of %s", ", ".join(budget))
+    log.info("device %s, precision %s (%s)", device, "bf16 autocast" if bf16 else "fp32",
+             f"train.precision={t.precision}")
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+
+def check_sources(specs: list[str]) -> None:
+    """Open every source spec once, so a missing path fails before anything is written."""
+    for spec in specs:
+        sources.open_source(spec)
+
+
+def check_resume(config: RunConfig, stage_dir: Path, resume: bool) -> Path | None:
+    """Return the checkpoint to resume from, or raise if the request clashes with the disk."""
+    latest = ckpt.latest_checkpoint(stage_dir)
+    if latest is not None and not resume:
+        raise CodelingError(f"{stage_dir} already has checkpoints (latest {latest.name}); "
+                            "pass --resume to continue it, or set run_dir or name for a new run")
+    if latest is None and resume:
+        raise CodelingError(f"--resume given but {stage_dir} has no checkpoint; "
+                            "drop --resume to start the run")
+    return latest
+
+
+def restore(trainer: Trainer, model: CodeModel, checkpoint: Path, tokenizer: Tokenizer,
+            config: RunConfig) -> None:
+    """Load weights and trainer state after checking the tokenizer and model shape match."""
+    loaded = ckpt.read_checkpoint_config(checkpoint)
+    ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint, "the run's tokenizer")
+    saved_model = dataclasses.asdict(loaded.config.model)
+    if saved_model != dataclasses.asdict(config.model):
+        changed = [k for k, v in saved_model.items() if getattr(config.model, k) != v]
+        raise CheckpointError(f"checkpoint {checkpoint} has another model shape (model.{changed[0]}"
+                              f" is {saved_model[changed[0]]!r} there); resume with the same "
+                              "model settings")
+    ckpt.load_weights(model, checkpoint)
+    trainer.load_state_dict(ckpt.load_trainer_state(checkpoint))
+    trainer.trim_metrics()
+    log.info("resumed from %s at step %d", checkpoint, trainer.step)
+
+
+def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
+    """Run stage 0 if needed, prepare data, then train and checkpoint the model."""
+    run_dir = config.resolved_run_dir()
+    stage_dir = run_dir / config.stage
+    checkpoint = check_resume(config, stage_dir, resume)
+    check_sources(list(config.data.sources) + list(config.tokenizer.sources))
+    device = resolve_device(config.train.device)
+    bf16 = use_bf16(config.train.precision, device)
+    torch.manual_seed(config.train.seed)
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = ensure_tokenizer(config, run_dir)
+    if checkpoint is not None:
+        loaded = ckpt.read_checkpoint_config(checkpoint)
+        ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint,
+                             f"{run_dir / 'tokenizer'}")
+    data = ensure_data(config, run_dir, tokenizer)
+    model = build_model(config, tokenizer).to(device)
+    loader, val_splits = build_loaders(config, data)
+    trainer = Trainer(model, config, loader, val_splits, stage_dir, run_dir / "tokenizer",
+                      tokenizer.fingerprint, device, bf16)
+    if checkpoint is not None:
+        restore(trainer, model, checkpoint, tokenizer, config)
+    save_config(config, run_dir / "config.yaml")
+    describe_run(config, model, device, bf16)
+    log.debug("resolved config: %s", config_to_dict(config))
+    return trainer.fit()

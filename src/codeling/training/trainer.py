@@ -1,0 +1,321 @@
+"""The training loop: micro-batches, accumulation, clipping, schedule, logging, eval, checkpoints.
+
+`Trainer.fit` runs until the step, token or wall-clock budget runs out, whichever comes first.
+It logs one line every `log_every` steps, appends every record to `metrics.jsonl`, evaluates
+on each validation split, saves checkpoints atomically, and on Ctrl-C or SIGTERM saves a last
+checkpoint before it stops, so `--resume` loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from codeling.config import RunConfig
+from codeling.training import checkpoint as ckpt
+from codeling.training.device import autocast, peak_flops
+from codeling.training.optim import build_optimizer, lr_at
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValidationSplit:
+    """Held-out tokens of one source, with the UTF-8 bytes they decode to (for bits per byte)."""
+
+    name: str
+    batches: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]]
+    bytes_per_token: float
+
+
+@dataclass
+class TrainResult:
+    step: int
+    tokens: int
+    elapsed: float
+    final_loss: float
+    val: dict[str, dict[str, float]] = field(default_factory=dict)
+    stop_reason: str = ""
+    checkpoint: Path | None = None
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class _StopRequest:
+    """Turns SIGTERM into a flag the loop checks, so the run checkpoints before exiting."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class Trainer:
+    """Owns the optimizer and the loop for one stage of a run."""
+
+    def __init__(self, model: torch.nn.Module, config: RunConfig, train_loader, val_splits:
+                 list[ValidationSplit], stage_dir: Path, tokenizer_dir: Path,
+                 tokenizer_fingerprint: str, device: torch.device, bf16: bool):
+        self.model = model
+        self.config = config
+        self.train = config.train
+        self.loader = train_loader
+        self.val_splits = val_splits
+        self.stage_dir = Path(stage_dir)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.tokenizer_fingerprint = tokenizer_fingerprint
+        self.device = device
+        self.bf16 = bf16
+        self.optimizer = build_optimizer(model, self.train, device)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.tokens_per_step = self.train.batch_size * self.train.seq_len * self.train.grad_accum
+        self.total_steps = self._total_steps()
+        self.forward_model = torch.compile(model) if self.train.compile else model
+        self.metrics_path = self.stage_dir / "metrics.jsonl"
+
+    def _total_steps(self) -> int:
+        steps = self.train.max_steps
+        if self.train.max_tokens:
+            steps = min(steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
+        return steps
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
+            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                    "python": random.getstate()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    def save(self) -> Path:
+        path = ckpt.save_checkpoint(self.stage_dir, self.step, self.model, self.config,
+                                    self.state_dict(), self.tokenizer_dir,
+                                    self.tokenizer_fingerprint, keep=self.train.keep_checkpoints)
+        log.info("saved checkpoint %s", path)
+        return path
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def progress(self) -> float:
+        """Fraction of the budget used: the furthest along of steps, tokens and time."""
+        fraction = self.step / self.total_steps
+        if self.train.max_minutes:
+            fraction = max(fraction, self.elapsed / (60 * self.train.max_minutes))
+        return fraction
+
+    def _stop_reason(self) -> str:
+        if self.step >= self.total_steps:
+            return "token budget" if self.total_steps < self.train.max_steps else "step budget"
+        if self.train.max_minutes and self.elapsed >= 60 * self.train.max_minutes:
+            return "time budget"
+        return ""
+
+    def train_step(self) -> tuple[float, float]:
+        """Run one optimizer step over grad_accum micro-batches; return (loss, grad norm)."""
+        lr = lr_at(self.step, self.progress(), self.train)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total_loss = 0.0
+        for _ in range(self.train.grad_accum):
+            inputs, targets = next(self.loader)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with autocast(self.device, self.bf16):
+                logits = self.forward_model(inputs)
+            loss = torch.nn.functional.cross_entropy(
+                logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+            (loss / self.train.grad_accum).backward()
+            total_loss += loss.item() / self.train.grad_accum
+        if self.train.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in self.model.parameters() if p.grad is not None])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        return total_loss, float(norm)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Return mean validation loss (nats/token) and bits per byte for each split."""
+        self.model.eval()
+        results = {}
+        for split in self.val_splits:
+            losses = []
+            for inputs, targets in split.batches():
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                with autocast(self.device, self.bf16):
+                    logits = self.model(inputs)
+                loss = torch.nn.functional.cross_entropy(
+                    logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+                losses.append(loss.item())
+            if losses:
+                mean = sum(losses) / len(losses)
+                results[split.name] = {
+                    "loss": mean, "bits_per_byte": mean / math.log(2) / split.bytes_per_token}
+        self.model.train()
+        return results
+
+    def trim_metrics(self) -> None:
+        """Drop metrics logged after the current step, left by a run killed before its checkpoint."""
+        if not self.metrics_path.is_file():
+            return
+        lines = self.metrics_path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
+        self.metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    def _write_metrics(self, record: dict) -> None:
+        with self.metrics_path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def fit(self) -> TrainResult:
+        """Train until a budget runs out; return the final metrics and checkpoint."""
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        flops_per_token = self.model.flops_per_token(self.train.seq_len)
+        peak, peak_source = peak_flops(self.device, self.bf16)
+        log.info("MFU is measured against %.1f TFLOP/s (%s)", peak / 1e12, peak_source)
+        self.model.train()
+        window_start, window_tokens = time.perf_counter(), 0
+        loss, stop_reason, val = float("nan"), "", {}
+        bar = _progress_bar(self.total_steps, self.step)
+        with _StopRequest() as stop:
+            try:
+                while not (stop_reason := self._stop_reason()):
+                    step_start = time.perf_counter()
+                    loss, norm = self.train_step()
+                    self.elapsed += time.perf_counter() - step_start
+                    window_tokens += self.tokens_per_step
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.3f}")
+                    if not math.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {loss} at step {self.step}; lower train.lr or "
+                            "set train.grad_clip, then resume from the last checkpoint")
+                    if self.step % self.train.log_every == 0 or self.step == 1:
+                        now = time.perf_counter()
+                        rate = window_tokens / max(now - window_start, 1e-9)
+                        self._log_step(loss, norm, rate, rate * flops_per_token / peak)
+                        window_start, window_tokens = now, 0
+                    if self.train.eval_every and self.step % self.train.eval_every == 0:
+                        val = self._run_eval()
+                    if self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0:
+                        self.save()
+                    if stop.requested:
+                        stop_reason = "SIGTERM"
+                        break
+            except KeyboardInterrupt:
+                stop_reason = "interrupted"
+            finally:
+                if bar is not None:
+                    bar.close()
+        log.info("stopped at step %d (%s)", self.step, stop_reason)
+        interrupted = stop_reason in ("interrupted", "SIGTERM")
+        if not interrupted:
+            val = self._run_eval()
+        path = self.save() if self.step > 0 else None
+        if interrupted:
+            log.info("resume with the same command plus --resume")
+        plot_losses(self.metrics_path, self.stage_dir / "loss.png")
+        return TrainResult(self.step, self.tokens, self.elapsed, loss, val, stop_reason, path)
+
+    def _run_eval(self) -> dict[str, dict[str, float]]:
+        start = time.perf_counter()
+        val = self.evaluate()
+        for name, values in val.items():
+            log.info("step %d | val %s | loss %.4f | %.3f bits/byte", self.step, name,
+                     values["loss"], values["bits_per_byte"])
+            self._write_metrics({"step": self.step, "split": name, "val_loss": values["loss"],
+                                 "val_bits_per_byte": values["bits_per_byte"]})
+        self.elapsed += time.perf_counter() - start
+        return val
+
+    def _log_step(self, loss: float, norm: float, tokens_per_s: float, mfu: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        progress = max(self.progress(), 1e-9)
+        eta = self.elapsed / progress - self.elapsed
+        log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%% | "
+                 "elapsed %s | ETA %s", self.step, self.total_steps, loss, lr, norm, tokens_per_s,
+                 100 * mfu, format_duration(self.elapsed), format_duration(eta))
+        self._write_metrics({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                             "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                             "elapsed": self.elapsed})
+
+
+def _progress_bar(total: int, initial: int):
+    """Return a tqdm bar on an interactive terminal, else None (logs are enough)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, leave=False)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> Path | None:
+    """Plot training and validation loss from metrics.jsonl into a PNG; return its path."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    axis.plot(*zip(*train), label="train", linewidth=1)
+    for split in sorted({r["split"] for r in records if "split" in r}):
+        points = [(r["step"], r["val_loss"]) for r in records if r.get("split") == split]
+        axis.plot(*zip(*points), marker="o", markersize=3, label=f"val {split}")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss (nats/token)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(out_path, dpi=110)
+    plt.close(figure)
+    return out_path
