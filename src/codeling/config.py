@@ -30,14 +30,27 @@ def option(default: Any, help: str, **rules: Any) -> Any:
     return field(default=default, metadata=metadata)
 
 
+ARCHITECTURES = ["dense", "mamba", "moe", "hybrid"]
+MIXERS = {"A": "causal self-attention", "M": "Mamba-2"}
+FEED_FORWARDS = ["auto", "mlp", "moe", "none"]
+
+
 @dataclass
 class ModelConfig:
-    """Architecture of the decoder: sizes and the per-layer pattern."""
+    """Architecture of the decoder: sizes, the per-layer pattern and each layer type's settings."""
 
-    arch: str = option("dense", "architecture family; selects the default layer pattern",
-                       choices=["dense"])
+    arch: str = option("dense", "architecture family; sets the default layer pattern and "
+                       "feed-forward: dense = attention + MLP, mamba = Mamba-2 only, moe = "
+                       "attention + MoE, hybrid = Mamba-2 with attention every attn_period layers",
+                       choices=ARCHITECTURES)
     layer_pattern: str = option(
-        "", "one letter per layer: A = attention mixer with a SwiGLU MLP; empty = arch default")
+        "", "one letter per layer, A = attention, M = Mamba-2; empty = derived from arch")
+    ffn: str = option("auto", "feed-forward after each mixer: mlp (SwiGLU), moe, none; auto = "
+                      "moe for arch moe, none for arch mamba, mlp otherwise", choices=FEED_FORWARDS)
+    attn_period: int = option(4, "hybrid only: one attention layer in every attn_period layers",
+                              min=1)
+    attn_offset: int = option(2, "hybrid only: index of the attention layer inside each period",
+                              min=0)
     vocab_size: int = option(0, "vocabulary size in tokens; 0 = take it from the run's tokenizer",
                              min=0)
     d_model: int = option(256, "width of the residual stream (hidden size)", min=8)
@@ -51,10 +64,44 @@ class ModelConfig:
     norm_eps: float = option(1e-5, "RMSNorm epsilon", min=0.0)
     tie_embeddings: bool = option(True, "share the input embedding and the output projection")
     init_std: float = option(0.02, "standard deviation of the normal weight init", min=0.0)
+    # Mamba-2 mixer.
+    ssm_state: int = option(64, "Mamba-2 state size N per head", min=1)
+    ssm_conv: int = option(4, "Mamba-2 causal convolution width, in tokens", min=1)
+    ssm_expand: int = option(2, "Mamba-2 inner width as a multiple of d_model", min=1)
+    ssm_head_dim: int = option(64, "Mamba-2 head size; must divide ssm_expand * d_model", min=1)
+    ssm_groups: int = option(1, "Mamba-2 groups sharing B and C; must divide the head count",
+                             min=1)
+    ssm_chunk: int = option(64, "Mamba-2 chunk length of the SSD scan, in tokens", min=1)
+    # Mixture of experts.
+    n_experts: int = option(8, "MoE routed experts per layer", min=1)
+    top_k: int = option(2, "MoE experts chosen per token", min=1)
+    moe_d_ff: int = option(0, "hidden size of each MoE expert; 0 = d_ff / top_k, so the active "
+                           "feed-forward matches a dense MLP", min=0)
+    shared_d_ff: int = option(0, "hidden size of an always-on shared expert; 0 = none", min=0)
+    balancer: str = option("aux_loss", "MoE load balancing: aux_loss (Switch auxiliary loss) or "
+                           "bias (auxiliary-loss-free routing bias)", choices=["aux_loss", "bias"])
+    aux_loss_coef: float = option(0.01, "weight of the MoE load-balancing loss (aux_loss "
+                                  "balancer)", min=0.0)
+    z_loss_coef: float = option(0.001, "weight of the MoE router z-loss", min=0.0)
+    bias_update_rate: float = option(0.001, "bias balancer: step of each routing-bias update, "
+                                     "applied once per optimizer step", min=0.0)
 
     def resolved_layer_pattern(self) -> str:
-        """Return the explicit layer pattern, derived from `arch` when left empty."""
-        return self.layer_pattern or "A" * self.n_layers
+        """Return the explicit mixer pattern, derived from `arch` when left empty."""
+        if self.layer_pattern:
+            return self.layer_pattern
+        if self.arch == "mamba":
+            return "M" * self.n_layers
+        if self.arch == "hybrid":
+            return "".join("A" if i % self.attn_period == self.attn_offset % self.attn_period
+                           else "M" for i in range(self.n_layers))
+        return "A" * self.n_layers
+
+    def resolved_ffn(self) -> str:
+        """Return the feed-forward kind, derived from `arch` when `auto`."""
+        if self.ffn != "auto":
+            return self.ffn
+        return {"moe": "moe", "mamba": "none"}.get(self.arch, "mlp")
 
     def resolved_kv_heads(self) -> int:
         """Return the number of key/value heads, defaulting to `n_heads`."""
@@ -66,6 +113,10 @@ class ModelConfig:
             return self.d_ff
         hidden = int(8 * self.d_model / 3)
         return 64 * ((hidden + 63) // 64)
+
+    def resolved_moe_d_ff(self) -> int:
+        """Return each expert's hidden size, derived from d_ff and top_k when 0."""
+        return self.moe_d_ff or max(self.resolved_d_ff() // self.top_k, 8)
 
     @property
     def head_dim(self) -> int:
@@ -262,13 +313,25 @@ def _check_relations(config: RunConfig, problems: list[str]) -> None:
                         f"({model.n_heads})")
     pattern = model.layer_pattern
     if pattern:
-        bad = sorted(set(pattern) - {"A"})
+        bad = sorted(set(pattern) - set(MIXERS))
         if bad:
+            allowed = ", ".join(f"{letter} ({name})" for letter, name in MIXERS.items())
             problems.append(f"model.layer_pattern: unknown layer letters {''.join(bad)!r} in "
-                            f"{pattern!r}; allowed: A (attention + MLP)")
+                            f"{pattern!r}; allowed: {allowed}")
         if len(pattern) != model.n_layers:
             problems.append(f"model.layer_pattern: {pattern!r} has {len(pattern)} letters but "
                             f"model.n_layers is {model.n_layers}; make them equal")
+    if "M" in model.resolved_layer_pattern():
+        inner = model.ssm_expand * model.d_model
+        if inner % model.ssm_head_dim:
+            problems.append(f"model.ssm_head_dim: {model.ssm_head_dim} does not divide "
+                            f"ssm_expand * d_model = {inner}; pick a head size that divides it")
+        elif (inner // model.ssm_head_dim) % model.ssm_groups:
+            problems.append(f"model.ssm_groups: {model.ssm_groups} does not divide the "
+                            f"{inner // model.ssm_head_dim} Mamba-2 heads")
+    if model.resolved_ffn() == "moe" and model.top_k > model.n_experts:
+        problems.append(f"model.top_k: {model.top_k} exceeds model.n_experts "
+                        f"({model.n_experts}); choose top_k <= n_experts")
     if config.train.seq_len > model.max_seq_len:
         problems.append(f"train.seq_len: {config.train.seq_len} exceeds model.max_seq_len "
                         f"({model.max_seq_len}); lower train.seq_len or raise model.max_seq_len")

@@ -23,7 +23,7 @@ def train_tokenizer_command(specs: list[str], vocab_size: int, max_bytes: int,
         raise CodelingError(f"{out / 'tokenizer.json'} already exists; choose another --out "
                             "or delete it first")
     for spec in specs:
-        sources.open_source(spec)
+        sources.iter_documents(spec)
     samples = {spec: sample_texts(spec, max_bytes, val_fraction=0.05) for spec in specs}
     tokenizer = train_tokenizer([t for texts in samples.values() for t in texts], vocab_size)
     path = tokenizer.save(out)
@@ -41,7 +41,7 @@ def prepare_data_command(specs: list[str], tokenizer_path: str, out: Path, val_f
         raise CodelingError(f"--val-fraction {val_fraction} is out of range; use 0 to 0.5")
     tokenizer = Tokenizer.load(tokenizer_path)
     for spec in specs:
-        sources.open_source(spec)
+        sources.iter_documents(spec)
     for spec in specs:
         target = out / sources.source_name(spec)
         manifest = shards.prepare_source(spec, tokenizer, target, val_fraction=val_fraction,

@@ -43,7 +43,7 @@ class PreparedData:
 def sample_texts(spec: str, max_bytes: int, val_fraction: float) -> list[str]:
     """Collect training-split documents of one source up to max_bytes of UTF-8 text."""
     texts, total = [], 0
-    for text in sources.iter_unique(sources.open_source(spec).iter_documents()):
+    for text in sources.iter_unique(sources.iter_documents(spec)):
         if sources.split_of(text, val_fraction) != "train":
             continue  # keep held-out text unseen, so bits per byte stay honest
         texts.append(text)
@@ -173,7 +173,7 @@ def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16
 def check_sources(specs: list[str]) -> None:
     """Open every source spec once, so a missing path fails before anything is written."""
     for spec in specs:
-        sources.open_source(spec)
+        sources.iter_documents(spec)
 
 
 def check_resume(config: RunConfig, stage_dir: Path, resume: bool) -> Path | None:

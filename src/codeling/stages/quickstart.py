@@ -63,7 +63,7 @@ def gzip_bits_per_byte(texts: list[str]) -> float:
 
 def held_out_documents(spec: str, val_fraction: float) -> list[str]:
     """Return the validation documents of a source, as the hash split assigns them."""
-    documents = sources.iter_unique(sources.open_source(spec).iter_documents())
+    documents = sources.iter_unique(sources.iter_documents(spec))
     return [text for text in documents if sources.split_of(text, val_fraction) == "val"]
 
 

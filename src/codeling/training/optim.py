@@ -19,7 +19,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         seen.add(id(param))
         is_embedding = "embed_tokens" in name
-        if param.dim() < 2 or is_embedding or name.endswith(".bias"):
+        marked = getattr(param, "_no_weight_decay", False)  # Mamba-2's A_log, D and dt_bias
+        if param.dim() < 2 or is_embedding or marked or name.endswith(".bias"):
             no_decay.append(param)
         else:
             decay.append(param)

@@ -101,7 +101,9 @@ class Trainer:
         self.elapsed = 0.0
         self.tokens_per_step = self.train.batch_size * self.train.seq_len * self.train.grad_accum
         self.total_steps = self._total_steps()
-        self.forward_model = torch.compile(model) if self.train.compile else model
+        # Compiling forward and loss together lets the compiler fuse the cross-entropy too.
+        self.loss_fn = torch.compile(self._train_loss) if self.train.compile else self._train_loss
+        self.has_moe = model.config.resolved_ffn() == "moe"
         self.metrics_path = self.stage_dir / "metrics.jsonl"
 
     def _total_steps(self) -> int:
@@ -151,6 +153,19 @@ class Trainer:
             return "time budget"
         return ""
 
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats, with logits upcast to fp32."""
+        with autocast(self.device, self.bf16):
+            logits = self.model(inputs)  # (B, T, V)
+        return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
+                                                 targets.view(-1))
+
+    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (objective, language-model loss): the objective adds MoE balancing losses."""
+        loss = self._loss(inputs, targets)
+        auxiliary = self.model.auxiliary_loss() if self.has_moe else torch.zeros_like(loss)
+        return loss + auxiliary, loss
+
     def train_step(self) -> tuple[float, float]:
         """Run one optimizer step over grad_accum micro-batches; return (loss, grad norm)."""
         lr = lr_at(self.step, self.progress(), self.train)
@@ -159,12 +174,8 @@ class Trainer:
         total_loss = 0.0
         for _ in range(self.train.grad_accum):
             inputs, targets = next(self.loader)
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
-            with autocast(self.device, self.bf16):
-                logits = self.forward_model(inputs)
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-            (loss / self.train.grad_accum).backward()
+            objective, loss = self.loss_fn(inputs.to(self.device), targets.to(self.device))
+            (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
         if self.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
@@ -173,6 +184,7 @@ class Trainer:
                 [p.grad for p in self.model.parameters() if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.model.after_optimizer_step()
         self.step += 1
         self.tokens += self.tokens_per_step
         return total_loss, float(norm)
@@ -185,12 +197,7 @@ class Trainer:
         for split in self.val_splits:
             losses = []
             for inputs, targets in split.batches():
-                inputs, targets = inputs.to(self.device), targets.to(self.device)
-                with autocast(self.device, self.bf16):
-                    logits = self.model(inputs)
-                loss = torch.nn.functional.cross_entropy(
-                    logits.float().view(-1, logits.shape[-1]), targets.view(-1))
-                losses.append(loss.item())
+                losses.append(self._loss(inputs.to(self.device), targets.to(self.device)).item())
             if losses:
                 mean = sum(losses) / len(losses)
                 results[split.name] = {
@@ -210,8 +217,12 @@ class Trainer:
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    def fit(self) -> TrainResult:
-        """Train until a budget runs out; return the final metrics and checkpoint."""
+    def fit(self, stop_at_step: int | None = None) -> TrainResult:
+        """Train until a budget runs out; return the final metrics and checkpoint.
+
+        `stop_at_step` ends the run early, as an interruption would, without changing the
+        schedule, which still follows the full budget.
+        """
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         flops_per_token = self.model.flops_per_token(self.train.seq_len)
         peak, peak_source = peak_flops(self.device, self.bf16)
@@ -246,13 +257,16 @@ class Trainer:
                     if stop.requested:
                         stop_reason = "SIGTERM"
                         break
+                    if stop_at_step is not None and self.step >= stop_at_step:
+                        stop_reason = "stop_at_step"
+                        break
             except KeyboardInterrupt:
                 stop_reason = "interrupted"
             finally:
                 if bar is not None:
                     bar.close()
         log.info("stopped at step %d (%s)", self.step, stop_reason)
-        interrupted = stop_reason in ("interrupted", "SIGTERM")
+        interrupted = stop_reason in ("interrupted", "SIGTERM", "stop_at_step")
         if not interrupted:
             val = self._run_eval()
         path = self.save() if self.step > 0 else None
@@ -279,9 +293,17 @@ class Trainer:
         log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%% | "
                  "elapsed %s | ETA %s", self.step, self.total_steps, loss, lr, norm, tokens_per_s,
                  100 * mfu, format_duration(self.elapsed), format_duration(eta))
-        self._write_metrics({"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
-                             "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                             "elapsed": self.elapsed})
+        record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
+                  "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
+                  "elapsed": self.elapsed}
+        if self.has_moe:
+            loads = self.model.expert_loads()
+            record["moe_aux_loss"] = float(self.model.auxiliary_loss())
+            record["expert_load"] = loads
+            busiest = max(max(layer) for layer in loads) * len(loads[0])
+            log.info("MoE: balancing + z-loss %.4f | busiest expert at %.2fx its fair share",
+                     record["moe_aux_loss"], busiest)
+        self._write_metrics(record)
 
 
 def _progress_bar(total: int, initial: int):
