@@ -59,8 +59,10 @@ def test_stream_equals_complete_and_respects_limits(generator):
     config = GenerationConfig(max_new_tokens=20, temperature=1.0, seed=4)
     pieces = list(generator.stream("def f(x):", config))
     assert "".join(pieces) == generator.complete("def f(x):", config)
-    ids = generator.tokenizer.encode("".join(pieces))
-    assert len(ids) <= 20
+    usage = generator.last_usage
+    assert usage["prompt_tokens"] == len(generator.tokenizer.encode("def f(x):"))
+    assert 1 <= usage["completion_tokens"] <= 20
+    assert "<|" not in "".join(pieces)  # special tokens are never sampled
 
 
 def test_stop_string_cuts_output(generator):

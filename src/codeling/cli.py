@@ -24,14 +24,18 @@ def _add_quickstart(commands: argparse._SubParsersAction) -> None:
                         "(default: 5)")
     parser.add_argument("--run-dir", default="runs/quickstart",
                         help="directory for everything the run writes (default: runs/quickstart)")
-    parser.add_argument("--arch", default="dense", choices=["dense"],
-                        help="model architecture (default: dense)")
+    parser.add_argument("--arch", default="dense", choices=["dense", "mamba", "moe", "hybrid"],
+                        help="model architecture; uses the ARCH-tiny preset (default: dense)")
     parser.add_argument("--seed", type=int, default=1337, help="random seed (default: 1337)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE", help="override a config key, for example "
                         "train.batch_size=8; repeatable")
     parser.add_argument("--force", action="store_true",
                         help="delete an existing run directory first, instead of stopping")
+    parser.add_argument("--compile", dest="compile_mode", default="auto",
+                        choices=["auto", "on", "off"],
+                        help="torch.compile the model: auto = on when --minutes is 3 or more, "
+                        "where the compile time (about 30 s on a CPU) pays back (default: auto)")
 
 
 def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
@@ -113,7 +117,8 @@ def _run(args: argparse.Namespace) -> None:
         from codeling.stages.quickstart import run_quickstart
 
         run_quickstart(minutes=args.minutes, run_dir=Path(args.run_dir), arch=args.arch,
-                       seed=args.seed, overrides=args.overrides, force=args.force)
+                       seed=args.seed, overrides=args.overrides, force=args.force,
+                       compile_mode=args.compile_mode)
     elif args.command == "tokenizer":
         from codeling.stages.commands import train_tokenizer_command
 

@@ -86,15 +86,20 @@ class Tokenizer:
         missing = [name for name in SPECIAL_TOKENS if backend.token_to_id(name) is None]
         if missing:
             raise CodelingError(
-                f"tokenizer is missing special tokens {missing}; train a new one with `codeling tokenizer train`"
+                f"tokenizer is missing special tokens {missing}; "
+                "train a new one with `codeling tokenizer train`"
             )
-        wrong_ids = [name for index, name in enumerate(SPECIAL_TOKENS) if backend.token_to_id(name) != index]
+        wrong_ids = [
+            name for index, name in enumerate(SPECIAL_TOKENS) if backend.token_to_id(name) != index
+        ]
         if wrong_ids:
             raise CodelingError(
                 f"tokenizer has special tokens {wrong_ids} at unexpected ids; "
                 "train a new one with `codeling tokenizer train`"
             )
-        self._fingerprint = hashlib.sha256(_canonical_json(backend.to_str()).encode("utf-8")).hexdigest()
+        self._fingerprint = hashlib.sha256(
+            _canonical_json(backend.to_str()).encode("utf-8")
+        ).hexdigest()
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
@@ -103,15 +108,21 @@ class Tokenizer:
         if file.is_dir():
             file = file / TOKENIZER_FILE
         if not file.is_file():
-            raise CodelingError(f"tokenizer file not found: {file}; run `codeling tokenizer train` to create it")
+            raise CodelingError(
+                f"tokenizer file not found: {file}; run `codeling tokenizer train` to create it"
+            )
         try:
             backend = tokenizers.Tokenizer.from_file(str(file))
         except Exception as error:  # tokenizers raises a plain Exception for any parse error
             first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise CodelingError(
-                f"invalid tokenizer file {file} ({first_line}); run `codeling tokenizer train` to create it again"
+                f"invalid tokenizer file {file} ({first_line}); "
+                "run `codeling tokenizer train` to create it again"
             ) from error
-        return cls(backend)
+        try:
+            return cls(backend)
+        except CodelingError as error:
+            raise CodelingError(f"{file}: {error}") from error
 
     @property
     def backend(self) -> tokenizers.Tokenizer:
@@ -147,7 +158,9 @@ class Tokenizer:
         """Return the id of a token string such as "<|user|>"."""
         token_id = self._backend.token_to_id(name)
         if token_id is None:
-            raise CodelingError(f"unknown token {name!r}; special tokens are {', '.join(SPECIAL_TOKENS)}")
+            raise CodelingError(
+                f"unknown token {name!r}; special tokens are {', '.join(SPECIAL_TOKENS)}"
+            )
         return token_id
 
     def encode(self, text: str) -> list[int]:
@@ -156,7 +169,9 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Encode several texts on the `tokenizers` thread pool, without adding special tokens."""
-        encodings = self._backend.encode_batch_fast(list(texts), add_special_tokens=False)
+        # encode_batch_fast (tokenizers 0.21+) skips computing character offsets.
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        encodings = encode(list(texts), add_special_tokens=False)
         return [encoding.ids for encoding in encodings]
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -164,14 +179,16 @@ class Tokenizer:
         return self._backend.decode(list(ids), skip_special_tokens=False)
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to a directory."""
+        """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to directory."""
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
         special_map = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             **special_map,
-            "additional_special_tokens": [name for name in SPECIAL_TOKENS if name not in special_map.values()],
+            "additional_special_tokens": [
+                name for name in SPECIAL_TOKENS if name not in special_map.values()
+            ],
             # Encode special token strings found in text as ordinary text, as `encode` does.
             "split_special_tokens": True,
             "add_bos_token": False,
@@ -197,7 +214,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     if vocab_size <= minimum:
         raise CodelingError(
             f"vocab_size {vocab_size} is too small: it must exceed {minimum} "
-            f"({len(SPECIAL_TOKENS)} special tokens + {BYTE_ALPHABET_SIZE} bytes); use a larger vocab_size such as 4096"
+            f"({len(SPECIAL_TOKENS)} special tokens + {BYTE_ALPHABET_SIZE} bytes); "
+            "use a larger vocab_size such as 4096"
         )
     if min_frequency < 1:
         raise CodelingError(f"min_frequency {min_frequency} is invalid; use 1 or more")

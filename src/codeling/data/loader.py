@@ -32,8 +32,10 @@ def _check_length(tokens: np.ndarray, seq_len: int, name: str) -> None:
         )
 
 
-def _windows_to_batch(tokens_by_source: Sequence[np.ndarray], picks: Sequence[tuple[int, int]], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack the windows (source index, window start) into x and y tensors of shape (len(picks), seq_len)."""
+def _windows_to_batch(
+    tokens_by_source: Sequence[np.ndarray], picks: Sequence[tuple[int, int]], seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (source index, window start) windows into x and y of shape (len(picks), seq_len)."""
     rows = np.empty((len(picks), seq_len + 1), dtype=np.int64)
     for row, (source, start) in enumerate(picks):
         rows[row] = tokens_by_source[source][start : start + seq_len + 1]
@@ -52,7 +54,7 @@ class PackedLoader:
     `batch_size` is per rank. All ranks compute the same global batch of
     batch_size * world_size samples, and rank r takes samples
     [r * batch_size, (r + 1) * batch_size), so the ranks never share a window
-    within an epoch and together see what one rank with the global batch size sees.
+    within an epoch and together they get the batches of one rank with the global batch size.
     """
 
     def __init__(
@@ -68,28 +70,52 @@ class PackedLoader:
     ):
         sources = [tokens] if isinstance(tokens, np.ndarray) else list(tokens)
         if not sources:
-            raise CodelingError("PackedLoader got no token arrays; pass at least one prepared split")
-        self.names = list(names) if names is not None else [f"source {index}" for index in range(len(sources))]
+            raise CodelingError(
+                "PackedLoader got no token arrays; pass at least one prepared split"
+            )
+        self.names = (
+            list(names)
+            if names is not None
+            else [f"source {index}" for index in range(len(sources))]
+        )
         if len(self.names) != len(sources):
-            raise CodelingError(f"got {len(self.names)} names for {len(sources)} token arrays; pass one name per array")
+            raise CodelingError(
+                f"got {len(self.names)} names for {len(sources)} token arrays; "
+                "pass one name per array"
+            )
         if batch_size < 1:
             raise CodelingError(f"batch_size {batch_size} is invalid; use 1 or more")
         if seq_len < 1:
             raise CodelingError(f"seq_len {seq_len} is invalid; use 1 or more")
         if world_size < 1 or not 0 <= rank < world_size:
-            raise CodelingError(f"rank {rank} with world_size {world_size} is invalid; use 0 <= rank < world_size")
+            raise CodelingError(
+                f"rank {rank} with world_size {world_size} is invalid; use 0 <= rank < world_size"
+            )
         for array, name in zip(sources, self.names):
             if array.ndim != 1:
-                raise CodelingError(f"token array of {name!r} has shape {array.shape}; pass a 1-D array")
+                raise CodelingError(
+                    f"token array of {name!r} has shape {array.shape}; pass a 1-D array"
+                )
             _check_length(array, seq_len, name)
 
         if weights is None:
-            weights = [1.0] * len(sources) if len(sources) == 1 else [len(array) for array in sources]
+            weights = (
+                [1.0] * len(sources) if len(sources) == 1 else [len(array) for array in sources]
+            )
         if len(weights) != len(sources):
-            raise CodelingError(f"got {len(weights)} weights for {len(sources)} sources; pass one weight per source")
+            raise CodelingError(
+                f"got {len(weights)} weights for {len(sources)} sources; pass one weight per source"
+            )
         weight_array = np.asarray(weights, dtype=np.float64)
-        if not np.all(np.isfinite(weight_array)) or np.any(weight_array < 0) or weight_array.sum() <= 0:
-            raise CodelingError(f"mixture weights {list(weights)} are invalid; use non-negative numbers with a positive sum")
+        if (
+            not np.all(np.isfinite(weight_array))
+            or np.any(weight_array < 0)
+            or weight_array.sum() <= 0
+        ):
+            raise CodelingError(
+                f"mixture weights {list(weights)} are invalid; "
+                "use non-negative numbers with a positive sum"
+            )
 
         self.sources = sources
         self.batch_size = batch_size
@@ -146,7 +172,9 @@ class PackedLoader:
         if len(self.sources) == 1:
             choices = np.zeros(self.global_batch_size, dtype=np.int64)
         else:
-            choices = self._choice_generator.choice(len(self.sources), size=self.global_batch_size, p=self.probabilities)
+            choices = self._choice_generator.choice(
+                len(self.sources), size=self.global_batch_size, p=self.probabilities
+            )
         # Every rank advances through the whole global batch so that all ranks stay in step.
         picks = [(int(source), self._next_window_start(int(source))) for source in choices]
         own = picks[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
@@ -176,7 +204,11 @@ class PackedLoader:
             "global_batch_size": self.global_batch_size,
             "window_counts": list(self.window_counts),
         }
-        mismatches = [f"{key} {state.get(key)!r} != {value!r}" for key, value in expected.items() if state.get(key) != value]
+        mismatches = [
+            f"{key} {state.get(key)!r} != {value!r}"
+            for key, value in expected.items()
+            if state.get(key) != value
+        ]
         if mismatches:
             raise CodelingError(
                 f"loader state does not match this loader ({'; '.join(mismatches)}); "
@@ -189,7 +221,11 @@ class PackedLoader:
 
 
 def iter_eval_batches(
-    tokens: np.ndarray, batch_size: int, seq_len: int, max_batches: int | None = None, name: str = "val"
+    tokens: np.ndarray,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    name: str = "val",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Validate the arguments and return batches of consecutive windows from the start of tokens.
 
@@ -213,5 +249,7 @@ def _iter_consecutive_batches(
     tokens: np.ndarray, batch_size: int, seq_len: int, window_count: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     for first in range(0, window_count, batch_size):
-        picks = [(0, window * seq_len) for window in range(first, min(first + batch_size, window_count))]
+        picks = [
+            (0, window * seq_len) for window in range(first, min(first + batch_size, window_count))
+        ]
         yield _windows_to_batch([tokens], picks, seq_len)

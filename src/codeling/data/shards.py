@@ -41,7 +41,7 @@ BATCH_CHARACTERS = 4_000_000
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """Return the smallest unsigned dtype that holds every id of a vocabulary."""
+    """Return the smallest unsigned dtype that can store every id of a vocabulary."""
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
@@ -54,14 +54,21 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read the manifest of a prepared source directory."""
     path = Path(out_dir) / MANIFEST_FILE
     if not path.is_file():
-        raise CodelingError(f"no prepared data in {out_dir} ({MANIFEST_FILE} not found); run `codeling data prepare` first")
+        raise CodelingError(
+            f"no prepared data in {out_dir} ({MANIFEST_FILE} not found); "
+            "run `codeling data prepare` first"
+        )
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CodelingError(f"invalid manifest {path} ({error}); run `codeling data prepare` again") from error
+        raise CodelingError(
+            f"invalid manifest {path} ({error}); run `codeling data prepare` again"
+        ) from error
 
 
-def load_split(out_dir: str | os.PathLike[str], split: str, tokenizer_fingerprint: str | None = None) -> np.ndarray:
+def load_split(
+    out_dir: str | os.PathLike[str], split: str, tokenizer_fingerprint: str | None = None
+) -> np.ndarray:
     """Memory-map the token ids of one split, checking the manifest and the tokenizer fingerprint.
 
     An empty split returns an empty in-memory array, because an empty file cannot be memory-mapped.
@@ -69,13 +76,19 @@ def load_split(out_dir: str | os.PathLike[str], split: str, tokenizer_fingerprin
     if split not in SPLITS:
         raise CodelingError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
     manifest = read_manifest(out_dir)
-    if tokenizer_fingerprint is not None and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint:
+    if (
+        tokenizer_fingerprint is not None
+        and manifest["tokenizer_fingerprint"] != tokenizer_fingerprint
+    ):
         raise CodelingError(
             f"the shards in {out_dir} were made with another tokenizer "
-            f"(fingerprint {manifest['tokenizer_fingerprint'][:12]}, expected {tokenizer_fingerprint[:12]}); "
+            f"(fingerprint {manifest['tokenizer_fingerprint'][:12]}, "
+            f"expected {tokenizer_fingerprint[:12]}); "
             "run `codeling data prepare` again with the current tokenizer"
         )
-    dtype = np.dtype(manifest["dtype"]).newbyteorder("<" if manifest.get("byte_order", "little") == "little" else ">")
+    dtype = np.dtype(manifest["dtype"]).newbyteorder(
+        "<" if manifest.get("byte_order", "little") == "little" else ">"
+    )
     tokens = manifest["splits"][split]["tokens"]
     path = split_file(out_dir, split)
     expected_size = tokens * dtype.itemsize
@@ -99,7 +112,7 @@ def prepare_source(
     max_documents: int | None = None,
     max_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Deduplicate, split, tokenize and write a source to train.bin, val.bin, val.jsonl and manifest.json.
+    """Deduplicate, split and tokenize a source into train.bin, val.bin, val.jsonl, manifest.json.
 
     With `num_workers` None or 1 the documents are tokenized in this process by
     `Tokenizer.encode_batch`, which runs on all cores through the `tokenizers`
@@ -143,7 +156,10 @@ def prepare_source(
 
     elapsed = time.perf_counter() - started
     if counts["val"]["documents"] == 0 and val_fraction > 0:
-        logger.warning("%s: no document fell into the val split; use more documents or a larger val_fraction", spec)
+        logger.warning(
+            "%s: no document fell into the val split; use more documents or a larger val_fraction",
+            spec,
+        )
 
     # Remove the old manifest before replacing the data files, so that a run
     # killed between the renames leaves no manifest that describes other files.
@@ -181,8 +197,10 @@ def prepare_source(
     return manifest
 
 
-def _split_batches(documents: Iterable[str], val_fraction: float) -> Iterator[tuple[str, list[str]]]:
-    """Group documents into (split, batch) pairs of about BATCH_CHARACTERS each, keeping their order."""
+def _split_batches(
+    documents: Iterable[str], val_fraction: float
+) -> Iterator[tuple[str, list[str]]]:
+    """Group documents into (split, batch) pairs of about BATCH_CHARACTERS, keeping their order."""
     batches: dict[str, list[str]] = {split: [] for split in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
     for document in documents:
@@ -242,7 +260,9 @@ def _encode_batches(
         return
     # "spawn" because forking after the tokenizers thread pool has started can deadlock.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)) as pool:
+    with context.Pool(
+        num_workers, initializer=_init_worker, initargs=(tokenizer.backend.to_str(),)
+    ) as pool:
         yield from pool.imap(_encode_in_worker, batches)
 
 

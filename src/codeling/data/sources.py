@@ -31,11 +31,20 @@ from codeling.errors import CodelingError
 
 logger = logging.getLogger(__name__)
 
-# Files larger than this are skipped by python-stdlib and shell-scripts: they
-# are generated tables or data, not hand-written code.
+# python-stdlib and shell-scripts skip files larger than this, because such
+# files are mostly generated tables or embedded data rather than hand-written code.
 MAX_FILE_BYTES = 1_000_000
 
-SHELL_SCRIPT_ROOTS = ("/usr/bin", "/bin", "/usr/sbin", "/sbin", "/usr/local/bin", "/etc", "/usr/share", "/usr/lib")
+SHELL_SCRIPT_ROOTS = (
+    "/usr/bin",
+    "/bin",
+    "/usr/sbin",
+    "/sbin",
+    "/usr/local/bin",
+    "/etc",
+    "/usr/share",
+    "/usr/lib",
+)
 SHELL_NAMES = frozenset({"sh", "bash", "dash", "ksh", "zsh"})
 SHELL_EXTENSIONS = frozenset({".sh", ".bash"})
 # Bounds on the shell-scripts walk so that a large /usr/share or /usr/lib
@@ -90,14 +99,18 @@ def iter_documents(spec: str) -> Iterator[str]:
         if kind == "jsonl":
             path, field = parse_jsonl_spec(rest)
             if not path.is_file():
-                raise CodelingError(f"jsonl file not found: {path} (from source {spec!r}); check the path")
+                raise CodelingError(
+                    f"jsonl file not found: {path} (from source {spec!r}); check the path"
+                )
             return _iter_jsonl(path, field)
         if kind == "hf":
             return _iter_hf(spec, parse_hf_spec(rest))
     raise CodelingError(f"unknown source {spec!r}; valid forms are {VALID_FORMS}")
 
 
-def load_documents(spec: str, max_documents: int | None = None, max_bytes: int | None = None) -> list[str]:
+def load_documents(
+    spec: str, max_documents: int | None = None, max_bytes: int | None = None
+) -> list[str]:
     """Load the unique non-empty documents of a source, stopping once either limit is reached.
 
     The document that makes the UTF-8 total reach `max_bytes` is included.
@@ -105,8 +118,10 @@ def load_documents(spec: str, max_documents: int | None = None, max_bytes: int |
     return list(iter_limited(iter_unique(iter_documents(spec)), max_documents, max_bytes))
 
 
-def iter_limited(documents: Iterable[str], max_documents: int | None, max_bytes: int | None) -> Iterator[str]:
-    """Yield documents until `max_documents` are yielded or their UTF-8 total reaches `max_bytes`."""
+def iter_limited(
+    documents: Iterable[str], max_documents: int | None, max_bytes: int | None
+) -> Iterator[str]:
+    """Yield documents until `max_documents` are out or their UTF-8 total reaches `max_bytes`."""
     if max_documents is not None and max_documents < 1:
         raise CodelingError(f"max_documents {max_documents} is invalid; use 1 or more, or no limit")
     if max_bytes is not None and max_bytes < 1:
@@ -124,7 +139,7 @@ def iter_limited(documents: Iterable[str], max_documents: int | None, max_bytes:
 
 
 def iter_unique(documents: Iterable[str]) -> Iterator[str]:
-    """Yield documents, dropping exact duplicates (by SHA-256 of the content) and whitespace-only ones."""
+    """Yield documents, dropping exact duplicates (by content SHA-256) and whitespace-only ones."""
     seen: set[bytes] = set()
     for document in documents:
         if not document.strip():
@@ -144,7 +159,9 @@ def split_of(text: str, val_fraction: float) -> str:
     source grows.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise CodelingError(f"val_fraction {val_fraction} is invalid; use a value in [0, 1), such as 0.05")
+        raise CodelingError(
+            f"val_fraction {val_fraction} is invalid; use a value in [0, 1), such as 0.05"
+        )
     digest = hashlib.sha256(text.encode("utf-8")).digest()
     position = int.from_bytes(digest[:8], "big") / 2**64
     return "val" if position < val_fraction else "train"
@@ -189,7 +206,8 @@ def parse_hf_spec(rest: str) -> HfSpec:
         key = key.strip()
         if not equals or key not in HF_OPTIONS or not value.strip():
             raise CodelingError(
-                f"invalid option {part!r} in source 'hf:{rest}'; use key=value with keys {', '.join(HF_OPTIONS)}"
+                f"invalid option {part!r} in source 'hf:{rest}'; "
+                f"use key=value with keys {', '.join(HF_OPTIONS)}"
             )
         options[key] = value.strip()
     head = head.strip()
@@ -198,7 +216,9 @@ def parse_hf_spec(rest: str) -> HfSpec:
     else:
         dataset, config = head.split(":", 1)
     if not dataset:
-        raise CodelingError(f"source 'hf:{rest}' names no dataset; use hf:DATASET such as hf:bigcode/the-stack-smol")
+        raise CodelingError(
+            f"source 'hf:{rest}' names no dataset; use hf:DATASET such as hf:bigcode/the-stack-smol"
+        )
     return HfSpec(
         dataset=dataset,
         config=config or None,
@@ -226,8 +246,12 @@ def _iter_python_stdlib() -> Iterator[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     skipped = 0
     for directory, dirnames, filenames in os.walk(root):
-        # os.walk visits directories in the order left in dirnames, so sorting makes the order deterministic.
-        dirnames[:] = sorted(name for name in dirnames if name not in ("site-packages", "dist-packages", "__pycache__"))
+        # os.walk visits directories in the order left in dirnames, so sorting fixes the order.
+        dirnames[:] = sorted(
+            name
+            for name in dirnames
+            if name not in ("site-packages", "dist-packages", "__pycache__")
+        )
         for filename in sorted(filenames):
             if not filename.endswith(".py"):
                 continue
@@ -237,11 +261,15 @@ def _iter_python_stdlib() -> Iterator[str]:
                 continue
             yield text
     if skipped:
-        logger.info("python-stdlib: skipped %d files that were unreadable, over %d bytes or not UTF-8", skipped, MAX_FILE_BYTES)
+        logger.info(
+            "python-stdlib: skipped %d files that were unreadable, over %d bytes or not UTF-8",
+            skipped,
+            MAX_FILE_BYTES,
+        )
 
 
 def is_shell_script(path: str | os.PathLike[str], head: bytes) -> bool:
-    """Tell from a file name and its first bytes whether it is a text shell script."""
+    """Return whether a file is a text shell script, judging by its name and first bytes."""
     if b"\0" in head:
         return False
     if head.startswith(b"#!"):
@@ -249,7 +277,7 @@ def is_shell_script(path: str | os.PathLike[str], head: bytes) -> bool:
         if words:
             interpreter = os.path.basename(words[0])
             if interpreter == "env":
-                # `#!/usr/bin/env bash` or `#!/usr/bin/env -S bash -e`: the first word without a dash.
+                # `#!/usr/bin/env bash` or `#!/usr/bin/env -S bash -e`: take the first non-option.
                 arguments = [word for word in words[1:] if not word.startswith("-")]
                 interpreter = os.path.basename(arguments[0]) if arguments else ""
             if interpreter in SHELL_NAMES:
@@ -276,7 +304,7 @@ def iter_shell_script_paths(
         real_root = os.path.realpath(root)
         if real_root in seen_directories or not os.path.isdir(real_root):
             continue
-        # os.walk with followlinks=False never enters a symlinked directory, so symlink loops cannot occur.
+        # With followlinks=False os.walk never enters a symlinked directory, so loops cannot occur.
         for directory, dirnames, filenames in os.walk(real_root, followlinks=False):
             seen_directories.add(directory)
             depth = directory[len(real_root) :].count(os.sep)
@@ -287,7 +315,9 @@ def iter_shell_script_paths(
                 path = os.path.join(directory, filename)
                 extension = os.path.splitext(filename)[1]
                 try:
-                    status = os.stat(path)  # follows a symlink to its target; a broken link raises OSError
+                    status = os.stat(
+                        path
+                    )  # follows a symlink to its target; a broken link raises OSError
                 except OSError:
                     continue
                 if not stat.S_ISREG(status.st_mode) or status.st_size > MAX_FILE_BYTES:
@@ -299,7 +329,10 @@ def iter_shell_script_paths(
                     continue
                 seen_files.add(identity)
                 if examined >= max_files:
-                    logger.warning("shell-scripts: stopped after reading the start of %d files (the limit)", max_files)
+                    logger.warning(
+                        "shell-scripts: stopped after reading the start of %d files (the limit)",
+                        max_files,
+                    )
                     return
                 examined += 1
                 try:
@@ -323,7 +356,8 @@ def _iter_files(spec: str, pattern: str) -> Iterator[str]:
     paths = sorted(path for path in glob(expanded, recursive=True) if os.path.isfile(path))
     if not paths:
         raise CodelingError(
-            f"no files match {pattern!r} (from source {spec!r}); check the path, and quote the glob so the shell does not expand it"
+            f"no files match {pattern!r} (from source {spec!r}); check the path, "
+            "and quote the glob so the shell does not expand it"
         )
     return _iter_file_texts(spec, paths)
 
@@ -338,7 +372,12 @@ def _iter_file_texts(spec: str, paths: list[str]) -> Iterator[str]:
             continue
         yield text
     if skipped:
-        logger.warning("%s: skipped %d of %d files that were unreadable or not UTF-8", spec, skipped, len(paths))
+        logger.warning(
+            "%s: skipped %d of %d files that were unreadable or not UTF-8",
+            spec,
+            skipped,
+            len(paths),
+        )
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
@@ -350,15 +389,20 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise CodelingError(f"invalid JSON on line {line_number} of {path}: {error.msg}; fix or remove that line") from error
+                raise CodelingError(
+                    f"invalid JSON on line {line_number} of {path}: {error.msg}; "
+                    "fix or remove that line"
+                ) from error
             if not isinstance(record, dict) or field not in record:
                 raise CodelingError(
-                    f"line {line_number} of {path} has no field {field!r}; name the text field as jsonl:{path}:FIELD"
+                    f"line {line_number} of {path} has no field {field!r}; "
+                    f"name the text field as jsonl:{path}:FIELD"
                 )
             value = record[field]
             if not isinstance(value, str):
                 raise CodelingError(
-                    f"field {field!r} on line {line_number} of {path} is {type(value).__name__}, not a string; "
+                    f"field {field!r} on line {line_number} of {path} is "
+                    f"{type(value).__name__}, not a string; "
                     f"name a text field as jsonl:{path}:FIELD"
                 )
             yield value
@@ -367,7 +411,8 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
 def _hf_offline_error(spec: str, reason: str) -> CodelingError:
     return CodelingError(
         f"cannot reach the Hugging Face Hub for source {spec!r} ({reason}); "
-        f"use an offline source instead: {OFFLINE_FORMS}, or hf: with a local directory or data file"
+        f"use an offline source instead: {OFFLINE_FORMS}, "
+        "or hf: with a local directory or data file"
     )
 
 
@@ -391,15 +436,17 @@ def _iter_hf(spec: str, hf: HfSpec) -> Iterator[str]:
 
 
 def _iter_hf_rows(spec: str, hf: HfSpec) -> Iterator[str]:
-    import datasets  # imported here because it takes about a second to import
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    import datasets  # imported here because importing it takes about half a second
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     # Errors that mean the hub could not be reached. OfflineModeIsEnabled is a ConnectionError.
     unreachable = (ConnectionError, TimeoutError, LocalEntryNotFoundError)
     try:
         if hf.is_local and os.path.isfile(hf.dataset):
             builder = HF_LOCAL_BUILDERS[Path(hf.dataset.removesuffix(".gz")).suffix]
-            dataset = datasets.load_dataset(builder, data_files=hf.dataset, split=hf.split, streaming=True)
+            dataset = datasets.load_dataset(
+                builder, data_files=hf.dataset, split=hf.split, streaming=True
+            )
         else:
             dataset = datasets.load_dataset(
                 hf.dataset, name=hf.config, split=hf.split, data_dir=hf.data_dir, streaming=True
@@ -413,14 +460,17 @@ def _iter_hf_rows(spec: str, hf: HfSpec) -> Iterator[str]:
             value = row[hf.field]
             if not isinstance(value, str):
                 raise CodelingError(
-                    f"field {hf.field!r} in row {row_number} of dataset {hf.dataset!r} is {type(value).__name__}, "
+                    f"field {hf.field!r} in row {row_number} of dataset {hf.dataset!r} "
+                    f"is {type(value).__name__}, "
                     f"not a string; choose a text field with hf:{hf.dataset},field=NAME"
                 )
             yield value
     except unreachable as error:
         raise _hf_offline_error(spec, type(error).__name__) from error
     except datasets.exceptions.DatasetNotFoundError as error:
-        raise CodelingError(f"dataset {hf.dataset!r} not found (from source {spec!r}); check the name or path") from error
+        raise CodelingError(
+            f"dataset {hf.dataset!r} not found (from source {spec!r}); check the name or path"
+        ) from error
     except ValueError as error:
         # `datasets` raises ValueError for a bad split, config or data_dir.
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__

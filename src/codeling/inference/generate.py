@@ -11,7 +11,7 @@ import torch
 from codeling.errors import CodelingError
 from codeling.inference.sampling import sample_next
 from codeling.models.decoder import CodeModel
-from codeling.tokenizer import Tokenizer
+from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
 from codeling.training import checkpoint as ckpt
 from codeling.training.device import autocast, resolve_device, use_bf16
 
@@ -45,6 +45,10 @@ class Generator:
         self.tokenizer = tokenizer
         self.device = device
         self.bf16 = bf16
+        # Plain completion never emits the chat and reserved tokens; eos and end of turn end it.
+        self.stop_ids = {tokenizer.eos_id, tokenizer.token_id("<|end_turn|>")}
+        self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i not in self.stop_ids]
+        self.last_usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str = "auto",
@@ -80,12 +84,15 @@ class Generator:
         tokens = torch.tensor([ids], device=self.device)  # (1, T)
         new_ids: list[int] = []
         emitted = ""
+        self.last_usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
         for _ in range(max_new):
             with autocast(self.device, self.bf16):
-                logits = self.model(tokens, cache)[:, -1]  # (1, V)
+                logits = self.model(tokens, cache)[:, -1].float()  # (1, V)
+            logits[:, self.banned_ids] = float("-inf")
             next_id = int(sample_next(logits, config.temperature, config.top_k, config.top_p,
                                       generator)[0])
-            if next_id == self.tokenizer.eos_id:
+            self.last_usage["completion_tokens"] += 1
+            if next_id in self.stop_ids:
                 break
             new_ids.append(next_id)
             text = self.tokenizer.decode(new_ids)

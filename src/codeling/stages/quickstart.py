@@ -38,9 +38,15 @@ PROMPTS = [
 ]
 
 
-def quickstart_overrides(run_dir: Path, arch: str, seed: int, train_minutes: float) -> list[str]:
+# torch.compile spends about half a minute compiling on a laptop CPU and then trains about twice
+# as fast (benchmarks/train_throughput.py), so it pays off from a few minutes of training up.
+COMPILE_MIN_MINUTES = 3.0
+
+
+def quickstart_overrides(run_dir: Path, arch: str, seed: int, train_minutes: float,
+                         compile_model: bool) -> list[str]:
     """Return the config settings of the quickstart run, as `--set` overrides."""
-    return [
+    return [f"train.compile={str(compile_model).lower()}",
         "name=quickstart", f"run_dir={run_dir}", "stage=quickstart", f"model={arch}-tiny",
         f"data.sources=[{', '.join(SOURCES)}]", "tokenizer.vocab_size=4096",
         "tokenizer.max_bytes_per_source=3000000",
@@ -61,10 +67,10 @@ def gzip_bits_per_byte(texts: list[str]) -> float:
     return 8 * compressed / max(raw, 1)
 
 
-def held_out_documents(spec: str, val_fraction: float) -> list[str]:
-    """Return the validation documents of a source, as the hash split assigns them."""
-    documents = sources.iter_unique(sources.iter_documents(spec))
-    return [text for text in documents if sources.split_of(text, val_fraction) == "val"]
+def held_out_documents(data_dir: Path) -> list[str]:
+    """Return the validation documents that `codeling data prepare` saved for a source."""
+    lines = (data_dir / "val.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["text"] for line in lines if line.strip()]
 
 
 def write_samples(generator: Generator, path: Path, seed: int) -> list[tuple[str, str, str]]:
@@ -85,8 +91,12 @@ def write_samples(generator: Generator, path: Path, seed: int) -> list[tuple[str
 
 def run_quickstart(minutes: float = 5.0, run_dir: Path = Path("runs/quickstart"),
                    arch: str = "dense", seed: int = 1337, overrides: list[str] | None = None,
-                   force: bool = False) -> dict:
-    """Train a tokenizer and a tiny model on this machine's code within `minutes`; sample it."""
+                   force: bool = False, compile_mode: str = "auto") -> dict:
+    """Train a tokenizer and a tiny model on this machine's code within `minutes`; sample it.
+
+    `compile_mode` is on, off, or auto: compile when the budget is at least
+    COMPILE_MIN_MINUTES.
+    """
     start = time.perf_counter()
     if minutes <= 0:
         raise CodelingError(f"--minutes must be positive, got {minutes}")
@@ -96,7 +106,9 @@ def run_quickstart(minutes: float = 5.0, run_dir: Path = Path("runs/quickstart")
                                 "--run-dir for a new directory")
         shutil.rmtree(run_dir)
     reserve = max(20.0, 0.08 * minutes * 60)  # final evaluation and samples
-    config = load_config(None, quickstart_overrides(run_dir, arch, seed, minutes)
+    compile_model = compile_mode == "on" or (compile_mode == "auto"
+                                             and minutes >= COMPILE_MIN_MINUTES)
+    config = load_config(None, quickstart_overrides(run_dir, arch, seed, minutes, compile_model)
                          + list(overrides or []))
     pretrain.check_sources(config.data.sources)
     device = resolve_device(config.train.device)
@@ -127,13 +139,17 @@ def run_quickstart(minutes: float = 5.0, run_dir: Path = Path("runs/quickstart")
 
 def _report(config, run_dir: Path, result, trainer: Trainer, seed: int, start: float) -> dict:
     """Evaluate the held-out split in full, compare with gzip, sample, and print the summary."""
+    phase_start = time.perf_counter()
     trainer.train.eval_batches = 10**9  # the whole held-out split of each source
     val = trainer.evaluate()
-    held_out_python = held_out_documents("python-stdlib", config.data.val_fraction)
+    held_out_python = held_out_documents(run_dir / "data" / sources.source_name("python-stdlib"))
     gzip_bpb = gzip_bits_per_byte(held_out_python)
+    log.info("full validation pass took %.0f s", time.perf_counter() - phase_start)
+    phase_start = time.perf_counter()
     generator = Generator(trainer.model, Tokenizer.load(run_dir / "tokenizer"),
                           trainer.device, trainer.bf16)
     samples = write_samples(generator, run_dir / "samples.md", seed)
+    log.info("sampling took %.0f s", time.perf_counter() - phase_start)
     summary = {
         "steps": result.step, "train_tokens": result.tokens,
         "train_minutes": result.elapsed / 60, "total_minutes": (time.perf_counter() - start) / 60,
