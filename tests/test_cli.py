@@ -197,3 +197,35 @@ def test_every_option_has_help():
                 stack.extend(action.choices.values())
                 continue
             assert action.help, f"{current.prog}: {action.dest} has no help"
+
+
+def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "long.yaml", tiny_run_config(
+        run_dir, max_steps=100000, checkpoint_every=0, eval_every=0))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    process = subprocess.Popen([sys.executable, "-m", "codeling", "train", "--config", str(config)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    metrics = run_dir / "code" / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr.decode()
+    latest = (run_dir / "code" / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("-")[1])
+    assert stopped_at >= 3
+    assert b"--resume" in stderr
+
+    resumed = write_config(tmp_path / "resume.yaml", tiny_run_config(
+        run_dir, max_steps=stopped_at + 2, checkpoint_every=0, eval_every=0))
+    assert main(["train", "--config", str(resumed), "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == list(range(1, stopped_at + 3))

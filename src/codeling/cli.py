@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run(args: argparse.Namespace) -> None:
+def _run(args: argparse.Namespace) -> int:
+    """Run the chosen command; return its exit status."""
     if args.command == "quickstart":
         from codeling.stages.quickstart import run_quickstart
 
@@ -133,11 +134,14 @@ def _run(args: argparse.Namespace) -> None:
         from codeling.config import load_config
         from codeling.stages.pretrain import run_training
 
-        run_training(load_config(args.config, args.overrides), resume=args.resume)
+        result = run_training(load_config(args.config, args.overrides), resume=args.resume)
+        if result.stop_reason in ("interrupted", "SIGTERM"):
+            return 130  # stopped early, with a checkpoint to resume from
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 
         generate_command(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,14 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stderr)
     try:
-        _run(args)
+        return _run(args)
     except CodelingError as error:
         print(f"codeling: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("codeling: interrupted", file=sys.stderr)
         return 130
-    return 0
 
 
 if __name__ == "__main__":
