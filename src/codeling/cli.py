@@ -98,6 +98,31 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+def _add_compare(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "compare", help="train several architectures on the same data and budget; write a table",
+        description="Train each architecture with the same tokenizer, data, seed and budget, "
+        "then write compare.md (parameters, speed, MFU, validation loss, decode speed, peak "
+        "memory, recall probes) and compare.png (validation loss against tokens and time).")
+    parser.add_argument("--archs", default="dense,mamba,moe,hybrid",
+                        help="comma-separated architectures (default: dense,mamba,moe,hybrid)")
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small", "base"],
+                        help="preset size; uses the ARCH-SIZE model presets (default: tiny)")
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="training budget per architecture in minutes (0 = none)")
+    parser.add_argument("--tokens", type=int, default=0,
+                        help="training budget per architecture in tokens (0 = none)")
+    parser.add_argument("--run-dir", default="runs/compare",
+                        help="directory for the shared data and each architecture's run "
+                        "(default: runs/compare)")
+    parser.add_argument("--sources", nargs="+", default=["python-stdlib", "shell-scripts"],
+                        help="data sources (default: python-stdlib shell-scripts)")
+    parser.add_argument("--seed", type=int, default=1337, help="seed shared by every run")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a config key for every run; "
+                        "repeatable")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `codeling` command."""
     parser = argparse.ArgumentParser(
@@ -109,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data(commands)
     _add_train(commands)
     _add_generate(commands)
+    _add_compare(commands)
     return parser
 
 
@@ -137,6 +163,11 @@ def _run(args: argparse.Namespace) -> int:
         result = run_training(load_config(args.config, args.overrides), resume=args.resume)
         if result.stop_reason in ("interrupted", "SIGTERM"):
             return 130  # stopped early, with a checkpoint to resume from
+    elif args.command == "compare":
+        from codeling.stages.compare import parse_archs, run_compare
+
+        run_compare(parse_archs(args.archs), args.size, args.minutes, args.tokens,
+                    Path(args.run_dir), args.sources, args.seed, args.overrides)
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 

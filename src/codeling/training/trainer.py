@@ -270,6 +270,8 @@ class Trainer:
         if not interrupted:
             val = self._run_eval()
         path = self.save() if self.step > 0 else None
+        self._write_metrics({"step": self.step, "peak_memory_mb": peak_memory_mb(self.device),
+                             "stop_reason": stop_reason})
         if interrupted:
             log.info("resume with the same command plus --resume")
         plot_losses(self.metrics_path, self.stage_dir / "loss.png")
@@ -282,7 +284,8 @@ class Trainer:
             log.info("step %d | val %s | loss %.4f | %.3f bits/byte", self.step, name,
                      values["loss"], values["bits_per_byte"])
             self._write_metrics({"step": self.step, "split": name, "val_loss": values["loss"],
-                                 "val_bits_per_byte": values["bits_per_byte"]})
+                                 "val_bits_per_byte": values["bits_per_byte"],
+                                 "tokens": self.tokens, "elapsed": self.elapsed})
         self.elapsed += time.perf_counter() - start
         return val
 
@@ -304,6 +307,15 @@ class Trainer:
             log.info("MoE: balancing + z-loss %.4f | busiest expert at %.2fx its fair share",
                      record["moe_aux_loss"], busiest)
         self._write_metrics(record)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _progress_bar(total: int, initial: int):
