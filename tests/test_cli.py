@@ -229,3 +229,25 @@ def test_sigterm_checkpoints_then_resume_finishes(tmp_path):
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()
              if "loss" in json.loads(line)]
     assert steps == list(range(1, stopped_at + 3))
+
+
+@pytest.mark.parametrize("arch", ["mamba", "moe", "hybrid"])
+def test_train_resume_generate_each_arch(tmp_path, capsys, arch):
+    config = tiny_run_config(tmp_path / "run", max_steps=4, checkpoint_every=2, eval_every=2)
+    config["model"].update({"arch": arch, "ssm_state": 16, "ssm_head_dim": 16, "ssm_chunk": 16,
+                            "n_experts": 4, "attn_period": 2, "attn_offset": 1})
+    path = write_config(tmp_path / "run.yaml", config)
+    assert main(["train", "--config", str(path)]) == 0
+    assert main(["train", "--config", str(path), "--set", "train.max_steps=6", "--resume"]) == 0
+    latest = tmp_path / "run" / "code" / "checkpoints" / "latest"
+    assert latest.read_text().strip() == "step-000006"
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "run"), "--prompt", "import ",
+                 "--max-new-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("import ")
+    if arch == "moe":
+        records = [json.loads(line) for line in
+                   (tmp_path / "run" / "code" / "metrics.jsonl").read_text().splitlines()]
+        logged = [r for r in records if "expert_load" in r]
+        assert logged
+        assert len(logged[0]["expert_load"]) == 2

@@ -4,8 +4,8 @@ Recall is where attention and state-space models differ most: attention can look
 anywhere in its context, while a state-space model must have kept it in a fixed-size state.
 Two probes, both scored on a trained language model without any fine-tuning:
 
-- copy recall: a random token sequence followed by itself; the score is the accuracy of the
-  greedy next-token prediction over the second copy (what induction heads learn to do);
+- copy recall: a random token sequence is followed by itself, and the score is the accuracy of
+  the greedy next-token prediction over the second copy. Induction heads learn this.
 - associative recall (multi-query): random key-value pairs, then the keys again in another
   order; the score is the accuracy of predicting each key's value right after the key.
 
@@ -57,7 +57,7 @@ def associative_recall(model: CodeModel, pairs: int = 16, trials: int = 16, seed
     device = model.embed_tokens.weight.device
     hits = total = 0
     for _ in range(trials):
-        # Distinct keys, so each query has exactly one right answer.
+        # Distinct keys, so each query has exactly one correct value.
         keys = (torch.randperm(vocab - len(SPECIAL_TOKENS), generator=generator)[:pairs]
                 + len(SPECIAL_TOKENS))
         values = _random_tokens(generator, vocab, (pairs,))

@@ -1,8 +1,8 @@
 """`CodeModel`: one decoder class for every architecture, built from a layer pattern.
 
 Each layer is a pre-norm mixer followed by a pre-norm feed-forward block. The pattern string has
-one letter per layer: `A` is causal self-attention, `M` is a Mamba-2 mixer; the feed-forward is a
-SwiGLU MLP, a mixture of experts, or none. Parameter names follow transformers (Llama's
+one letter per layer: `A` is causal self-attention and `M` is a Mamba-2 mixer. The feed-forward
+is a SwiGLU MLP, a mixture of experts, or none. Parameter names follow transformers (Llama's
 `embed_tokens`, `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, `norm`, `lm_head`;
 Mamba2's mixer and Mixtral's expert layout), so export is a renaming.
 
@@ -182,9 +182,9 @@ class CodeModel(nn.Module):
     def flops_per_token(self, seq_len: int) -> float:
         """Estimate training FLOPs per token (forward + backward) at a given sequence length.
 
-        6 FLOPs per weight per token for the matmuls, plus attention scores and weighted sums:
+        The matmuls cost 6 FLOPs per weight per token. Attention scores and weighted sums add
         12 * layers * d_model * seq_len, halved because the causal mask skips half of them in
-        kernels that use it; for Mamba-2 layers an estimate of the scan itself. MoE layers count
+        kernels that use it. Mamba-2 layers add an estimate of the scan itself. MoE layers count
         only the active experts. The input embedding is a lookup, so it is not counted; the
         output head is.
         """
@@ -199,9 +199,9 @@ class CodeModel(nn.Module):
     def _ssd_forward_flops(self) -> float:
         """Estimate forward FLOPs per token of one SSD scan beyond its projections.
 
-        Within a chunk of length L each token scores against L/2 earlier ones on average
-        (C.B over N per group, then weights applied to the inner width I), and the chunk
-        states cost about 2 * I * N for writing and reading.
+        Within a chunk of length L, each token scores against L/2 earlier ones on average: C.B
+        over N per group, then the weights applied to the inner width I. Writing and reading
+        the chunk states costs about 2 * I * N more.
         """
         config = self.config
         inner = config.ssm_expand * config.d_model

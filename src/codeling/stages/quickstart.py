@@ -19,7 +19,7 @@ import torch
 from codeling.config import load_config, save_config
 from codeling.data import sources
 from codeling.errors import CodelingError
-from codeling.inference.generate import GenerationConfig, Generator
+from codeling.inference.generate import GenerationConfig, Generator, decode_in_bf16
 from codeling.stages import pretrain
 from codeling.tokenizer import Tokenizer
 from codeling.training.device import resolve_device, use_bf16
@@ -147,7 +147,7 @@ def _report(config, run_dir: Path, result, trainer: Trainer, seed: int, start: f
     log.info("full validation pass took %.0f s", time.perf_counter() - phase_start)
     phase_start = time.perf_counter()
     generator = Generator(trainer.model, Tokenizer.load(run_dir / "tokenizer"),
-                          trainer.device, trainer.bf16)
+                          trainer.device, decode_in_bf16("auto", trainer.device))
     samples = write_samples(generator, run_dir / "samples.md", seed)
     log.info("sampling took %.0f s", time.perf_counter() - phase_start)
     summary = {

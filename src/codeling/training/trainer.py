@@ -301,7 +301,7 @@ class Trainer:
                   "elapsed": self.elapsed}
         if self.has_moe:
             loads = self.model.expert_loads()
-            record["moe_aux_loss"] = float(self.model.auxiliary_loss())
+            record["moe_aux_loss"] = float(self.model.auxiliary_loss().detach())
             record["expert_load"] = loads
             busiest = max(max(layer) for layer in loads) * len(loads[0])
             log.info("MoE: balancing + z-loss %.4f | busiest expert at %.2fx its fair share",
