@@ -592,3 +592,45 @@ def test_loader_reads_prepared_split(
     assert x.shape == (2, 64)
     assert int(x.max()) < small_tokenizer.vocab_size
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_python_docs_is_english_prose():
+    docs = load_documents("python-docs", max_documents=120)
+    assert len(docs) == 120
+    joined = " ".join(docs)
+    assert "statement" in joined
+    assert sum(text.count(" the ") for text in docs) > 500
+
+
+def test_tinystories_offline_names_fallbacks(monkeypatch):
+    from codeling.errors import SourceUnreachableError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceUnreachableError) as info:
+        next(iter_documents("tinystories"))
+    message = str(info.value)
+    assert "python-docs" in message
+    assert len(message.splitlines()) == 1
+
+
+def test_own_validation_split_is_used(tmp_path, small_tokenizer):
+    from codeling.data import sources as sources_module
+    from codeling.data.shards import prepare_source, read_manifest
+
+    train_file = tmp_path / "train.jsonl"
+    val_file = tmp_path / "val.jsonl"
+    train_file.write_text("".join(json.dumps({"text": f"train story {i}"}) + "\n"
+                                  for i in range(30)))
+    val_file.write_text("".join(json.dumps({"text": f"held-out story {i}"}) + "\n"
+                                for i in range(7)))
+    monkeypatched = {"stories": (f"jsonl:{train_file}", f"jsonl:{val_file}")}
+    original = dict(sources_module.NAMED_HF_SOURCES)
+    sources_module.NAMED_HF_SOURCES.update(monkeypatched)
+    try:
+        prepare_source("stories", small_tokenizer, tmp_path / "out", val_fraction=0.5)
+    finally:
+        sources_module.NAMED_HF_SOURCES.clear()
+        sources_module.NAMED_HF_SOURCES.update(original)
+    splits = read_manifest(tmp_path / "out")["splits"]
+    assert splits["train"]["documents"] == 30
+    assert splits["val"]["documents"] == 7

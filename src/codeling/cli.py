@@ -93,7 +93,8 @@ def _add_generate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-p", type=float, default=0.95,
                         help="nucleus sampling probability mass, in (0, 1] (default: 0.95)")
     parser.add_argument("--stop", action="append", default=[],
-                        help="stop before this string; repeatable")
+                        help="stop before this string; \\n and \\t stand for a newline and a "
+                        "tab; repeatable")
     parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
@@ -123,6 +124,36 @@ def _add_compare(commands: argparse._SubParsersAction) -> None:
                         "repeatable")
 
 
+def _add_pipeline(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "pipeline", help="run the stages of a recipe in order (tokenizer, data, language, code, "
+        "eval); rerun to resume",
+        description="Run every stage a recipe names, in one run directory. A finished stage is "
+        "skipped on a rerun and an interrupted one resumes from its latest checkpoint.")
+    parser.add_argument("recipe", metavar="RECIPE.yaml",
+                        help="pipeline recipe, for example configs/pipelines/cpu-tiny.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="override a recipe key, for example "
+                        "stages.code.train.max_minutes=5; repeatable")
+
+
+def _add_eval(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("eval", help="evaluate a checkpoint: bits per byte, syntax "
+                                 "validity, HumanEval; writes report.md for a run")
+    parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
+                        help="run directory, stage directory or checkpoint directory")
+    parser.add_argument("--suite", default="bpb,syntax,humaneval",
+                        help="comma-separated suites: bpb, syntax, humaneval "
+                        "(default: bpb,syntax,humaneval)")
+    parser.add_argument("--humaneval-samples", type=int, default=10,
+                        help="completions sampled per HumanEval problem (default: 10)")
+    parser.add_argument("--humaneval-limit", type=int, default=0,
+                        help="evaluate only the first N HumanEval problems; 0 = all 164")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="tokens generated at most per completion (default: 256)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `codeling` command."""
     parser = argparse.ArgumentParser(
@@ -135,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_generate(commands)
     _add_compare(commands)
+    _add_pipeline(commands)
+    _add_eval(commands)
     return parser
 
 
@@ -168,6 +201,14 @@ def _run(args: argparse.Namespace) -> int:
 
         run_compare(parse_archs(args.archs), args.size, args.minutes, args.tokens,
                     Path(args.run_dir), args.sources, args.seed, args.overrides)
+    elif args.command == "pipeline":
+        from codeling.stages.pipeline import run_pipeline
+
+        return run_pipeline(args.recipe, args.overrides)
+    elif args.command == "eval":
+        from codeling.evaluation.suite import eval_command
+
+        eval_command(args)
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 

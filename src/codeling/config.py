@@ -144,6 +144,13 @@ class DataConfig:
         "source specs: python-stdlib, shell-scripts, files:GLOB, jsonl:PATH[:FIELD], hf:DATASET")
     weights: list[float] = option(
         [], "mixture weight per source, same order as sources; empty = proportional to tokens")
+    fallback_sources: list[str] = option(
+        [], "sources used instead when a hub source cannot be reached (for example python-docs "
+        "for tinystories when offline)")
+    replay_sources: list[str] = option(
+        [], "sources of an earlier stage mixed back in against forgetting")
+    replay_fraction: float = option(0.0, "share of training samples drawn from replay_sources",
+                                    min=0.0, max=0.9)
     val_fraction: float = option(0.05, "fraction of documents held out for validation",
                                  min=0.0, max=0.5)
     max_documents: int = option(0, "documents taken per source; 0 = all", min=0)
@@ -194,6 +201,8 @@ class RunConfig:
     run_dir: str = option("", "directory for tokenizer, data, checkpoints and logs; "
                           "empty = runs/<name>")
     stage: str = option("train", "sub-directory of the run that holds this stage's checkpoints")
+    init_from: str = option("", "start from these weights (fresh optimizer): a checkpoint, run "
+                            "or stage directory, or the name of an earlier stage of this run")
     model: ModelConfig = field(default_factory=ModelConfig,
                                metadata={"help": "model architecture; a preset name or a mapping"})
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig,
@@ -362,6 +371,7 @@ def _expand_model_preset(raw: dict, problems: list[str]) -> None:
         model = {"preset": model}
     if not isinstance(model, dict) or "preset" not in model:
         return
+    model = dict(model)  # the caller's mapping stays as it was
     name = model.pop("preset")
     path = find_model_preset(str(name))
     if path is None:

@@ -25,3 +25,7 @@ class ConfigError(CodelingError):
 
 class CheckpointError(CodelingError):
     """A checkpoint that is missing, truncated, corrupt or does not match the run."""
+
+
+class SourceUnreachableError(CodelingError):
+    """A data source that needs the network (a Hugging Face Hub dataset) cannot be reached."""

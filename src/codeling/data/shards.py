@@ -26,7 +26,8 @@ from typing import IO, Any
 
 import numpy as np
 
-from codeling.data.sources import iter_documents, iter_limited, iter_unique, split_of
+from codeling.data.sources import (iter_documents, iter_limited, iter_unique, split_of,
+                                   validation_spec)
 from codeling.errors import CodelingError
 from codeling.tokenizer import Tokenizer
 
@@ -139,7 +140,8 @@ def prepare_source(
             open(temporary_val_documents, "w", encoding="utf-8") as val_documents_file,
         ):
             token_files = {"train": train_file, "val": val_file}
-            batches = _split_batches(documents, val_fraction)
+            labeled = _label_documents(spec, documents, val_fraction, max_documents)
+            batches = _split_batches(labeled)
             for encoded in _encode_batches(batches, tokenizer, num_workers):
                 encoded.tokens.tofile(token_files[encoded.split])
                 counts[encoded.split]["documents"] += len(encoded.documents)
@@ -197,14 +199,28 @@ def prepare_source(
     return manifest
 
 
-def _split_batches(
-    documents: Iterable[str], val_fraction: float
-) -> Iterator[tuple[str, list[str]]]:
-    """Group documents into (split, batch) pairs of about BATCH_CHARACTERS, keeping their order."""
+def _label_documents(
+    spec: str, documents: Iterable[str], val_fraction: float, max_documents: int | None
+) -> Iterator[tuple[str, str]]:
+    """Yield (split, document): by content hash, or from the source's own validation split."""
+    val_spec = validation_spec(spec)
+    if val_spec is None:
+        for document in documents:
+            yield split_of(document, val_fraction), document
+        return
+    for document in documents:
+        yield "train", document
+    # A capped run takes a matching share of the validation split (at least 100 documents).
+    max_val = max(100, int(max_documents * val_fraction)) if max_documents else None
+    for document in iter_limited(iter_unique(iter_documents(val_spec)), max_val, None):
+        yield "val", document
+
+
+def _split_batches(labeled: Iterable[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """Group (split, document) pairs into (split, batch) pairs of about BATCH_CHARACTERS each."""
     batches: dict[str, list[str]] = {split: [] for split in SPLITS}
     sizes = dict.fromkeys(SPLITS, 0)
-    for document in documents:
-        split = split_of(document, val_fraction)
+    for split, document in labeled:
         batches[split].append(document)
         sizes[split] += len(document)
         if sizes[split] >= BATCH_CHARACTERS:

@@ -3,6 +3,10 @@
 Source specs:
 
 - `python-stdlib`: the .py files of the running interpreter's standard library.
+- `python-docs`: English prose that ships with the interpreter: the language reference topics
+  of `pydoc_data` and the docstrings of the standard library, one document per topic or module.
+- `tinystories`: the TinyStories dataset on the Hugging Face Hub (streamed; needs the network),
+  with its own validation split.
 - `shell-scripts`: sh/bash/dash/ksh/zsh scripts found in the usual system directories.
 - `files:GLOB`: every file matching a recursive glob, such as `files:/data/**/*.py`.
 - `jsonl:PATH` or `jsonl:PATH:FIELD`: one document per line, read from FIELD (default `text`).
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from glob import glob
 from pathlib import Path
 
-from codeling.errors import CodelingError
+from codeling.errors import CodelingError, SourceUnreachableError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +58,14 @@ SHELL_MAX_DEPTH = 8
 SHELL_MAX_FILES = 50_000
 HEAD_BYTES = 1024
 
-OFFLINE_FORMS = "python-stdlib, shell-scripts, files:GLOB, jsonl:PATH[:FIELD]"
+OFFLINE_FORMS = "python-stdlib, python-docs, shell-scripts, files:GLOB, jsonl:PATH[:FIELD]"
+# Named hub datasets: (training split spec, validation split spec).
+NAMED_HF_SOURCES = {
+    "tinystories": ("hf:roneneldan/TinyStories,split=train",
+                    "hf:roneneldan/TinyStories,split=validation"),
+}
+# Docstrings shorter than this are mostly one-line summaries with little prose.
+MIN_DOCSTRING_CHARS = 80
 VALID_FORMS = f"{OFFLINE_FORMS}, hf:DATASET[:CONFIG][,split=SPLIT][,field=FIELD][,data_dir=DIR]"
 
 HF_OPTIONS = ("split", "field", "data_dir")
@@ -90,6 +101,10 @@ def iter_documents(spec: str) -> Iterator[str]:
     spec = spec.strip()
     if spec == "python-stdlib":
         return _iter_python_stdlib()
+    if spec == "python-docs":
+        return _iter_python_docs()
+    if spec in NAMED_HF_SOURCES:
+        return iter_documents(NAMED_HF_SOURCES[spec][0])
     if spec == "shell-scripts":
         return _iter_shell_scripts()
     kind, separator, rest = spec.partition(":")
@@ -170,7 +185,7 @@ def split_of(text: str, val_fraction: float) -> str:
 def source_name(spec: str) -> str:
     """Return a short filesystem-safe name for a source spec, for use as a directory name."""
     spec = spec.strip()
-    if spec in ("python-stdlib", "shell-scripts"):
+    if spec in ("python-stdlib", "shell-scripts", "python-docs") or spec in NAMED_HF_SOURCES:
         return spec
     kind, separator, rest = spec.partition(":")
     if not separator or not rest or kind not in ("files", "jsonl", "hf"):
@@ -240,6 +255,33 @@ def _read_text_file(path: Path, max_bytes: int | None) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError:
         return None
+
+
+def validation_spec(spec: str) -> str | None:
+    """Return the spec of a source's own validation split, or None to split by content hash."""
+    named = NAMED_HF_SOURCES.get(spec.strip())
+    return named[1] if named else None
+
+
+def _iter_python_docs() -> Iterator[str]:
+    """Yield the pydoc topics, then each standard-library module's docstrings as one document."""
+    import ast
+
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        yield topics[name]
+    for source in _iter_python_stdlib():
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError, RecursionError):
+            continue
+        nodes = [tree] + [node for node in ast.walk(tree) if isinstance(
+            node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        docstrings = [ast.get_docstring(node) for node in nodes]
+        prose = [text for text in docstrings if text and len(text) >= MIN_DOCSTRING_CHARS]
+        if prose:
+            yield "\n\n".join(prose) + "\n"
 
 
 def _iter_python_stdlib() -> Iterator[str]:
@@ -408,8 +450,8 @@ def _iter_jsonl(path: Path, field: str) -> Iterator[str]:
             yield value
 
 
-def _hf_offline_error(spec: str, reason: str) -> CodelingError:
-    return CodelingError(
+def _hf_offline_error(spec: str, reason: str) -> SourceUnreachableError:
+    return SourceUnreachableError(
         f"cannot reach the Hugging Face Hub for source {spec!r} ({reason}); "
         f"use an offline source instead: {OFFLINE_FORMS}, "
         "or hf: with a local directory or data file"

@@ -130,6 +130,53 @@ class Generator:
         """Return the whole completion as one string."""
         return "".join(self.stream(prompt, config))
 
+    @torch.inference_mode()
+    def complete_many(self, prompt: str, n: int, config: GenerationConfig) -> list[str]:
+        """Sample `n` completions of one prompt together, as one batch of n rows.
+
+        All rows share the prompt, so they stay at the same position and one cache of batch
+        size n serves them. A row that reaches eos or a stop string is done, and the batch
+        stops when every row is done or max_new_tokens is reached.
+        """
+        config.validate()
+        if n < 1:
+            raise CodelingError(f"number of samples must be at least 1, got {n}")
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
+        limit = self.model.config.max_seq_len
+        if len(ids) >= limit:
+            raise CodelingError(f"prompt is {len(ids)} tokens but the model's context is {limit}; "
+                                "shorten the prompt")
+        max_new = min(config.max_new_tokens, limit - len(ids))
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        cache = self.model.new_cache(n, len(ids) + max_new)
+        tokens = torch.tensor([ids] * n, device=self.device)  # (n, T)
+        rows: list[list[int]] = [[] for _ in range(n)]
+        done = [False] * n
+        for _ in range(max_new):
+            with autocast(self.device, self.bf16):
+                logits = self.model(tokens, cache)[:, -1].float()  # (n, V)
+            logits[:, self.banned_ids] = float("-inf")
+            next_ids = sample_next(logits, config.temperature, config.top_k, config.top_p,
+                                   generator)  # (n,)
+            for row, token in enumerate(next_ids.tolist()):
+                if done[row]:
+                    continue
+                if token in self.stop_ids:
+                    done[row] = True
+                    continue
+                rows[row].append(token)
+                if config.stop and _first_stop(self.tokenizer.decode(rows[row][-64:]),
+                                               config.stop) is not None:
+                    done[row] = True
+            if all(done):
+                break
+            tokens = next_ids[:, None]
+        texts = [self.tokenizer.decode(row) for row in rows]
+        return [text[:cut] if (cut := _first_stop(text, config.stop)) is not None else text
+                for text in texts]
+
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
     positions = [text.find(stop) for stop in stops if stop and stop in text]

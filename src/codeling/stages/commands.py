@@ -53,10 +53,16 @@ def prepare_data_command(specs: list[str], tokenizer_path: str, out: Path, val_f
               f"({manifest['dtype']})")
 
 
+def unescape(text: str) -> str:
+    """Turn the two-character sequences \\n and \\t typed on a command line into newline and tab."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")
+
+
 def generate_command(args: argparse.Namespace) -> str:
     """Load a checkpoint and stream one completion of the prompt to stdout."""
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_k=args.top_k, top_p=args.top_p, stop=tuple(args.stop),
+                              top_k=args.top_k, top_p=args.top_p,
+                              stop=tuple(unescape(stop) for stop in args.stop),
                               seed=args.seed)
     config.validate()
     generator = Generator.from_checkpoint(args.checkpoint, device=args.device)

@@ -8,8 +8,10 @@ stops the run with nothing overwritten.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +20,7 @@ import torch
 from codeling.config import RunConfig, config_to_dict, save_config
 from codeling.data import shards, sources
 from codeling.data.loader import PackedLoader, iter_eval_batches
-from codeling.errors import CheckpointError, CodelingError
+from codeling.errors import CheckpointError, CodelingError, SourceUnreachableError
 from codeling.models.decoder import CodeModel
 from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from codeling.training import checkpoint as ckpt
@@ -35,6 +37,7 @@ class PreparedData:
     val: list
     val_bytes_per_token: list[float]
     train_tokens: list[int]
+    replay: list[bool]  # True for sources mixed back in from an earlier stage
 
 
 # -- stage 0: tokenizer --------------------------------------------------------------------------
@@ -79,11 +82,40 @@ def ensure_tokenizer(config: RunConfig, run_dir: Path) -> Tokenizer:
 # -- data ----------------------------------------------------------------------------------------
 
 
+_UNREACHABLE: dict[str, str] = {}  # spec -> error message, so each hub is tried once per process
+
+
+def resolve_sources(specs: list[str], fallback: list[str]) -> list[str]:
+    """Return the sources to use: each spec, with `fallback` in place of any that is unreachable.
+
+    Each spec is opened and its first document read, so an unreachable hub dataset is found
+    here, before anything is written.
+    """
+    resolved: list[str] = []
+    for spec in specs:
+        try:
+            if spec in _UNREACHABLE:
+                raise SourceUnreachableError(_UNREACHABLE[spec])
+            next(iter(sources.iter_documents(spec)), None)
+            replacement = [spec]
+        except SourceUnreachableError as error:
+            _UNREACHABLE[spec] = str(error)
+            if not fallback:
+                raise
+            log.warning("%s; using the offline fallback %s", error, ", ".join(fallback))
+            for fallback_spec in fallback:
+                sources.iter_documents(fallback_spec)
+            replacement = list(fallback)
+        resolved += [name for name in replacement if name not in resolved]
+    return resolved
+
+
 def ensure_data(config: RunConfig, run_dir: Path, tokenizer: Tokenizer) -> PreparedData:
     """Tokenize every source into shards under run_dir/data (reused when already there)."""
     data = config.data
     names, train, val, ratios, counts = [], [], [], [], []
-    for spec in data.sources:
+    specs = list(data.sources) + list(data.replay_sources)
+    for spec in specs:
         out_dir = run_dir / "data" / sources.source_name(spec)
         if not (out_dir / "manifest.json").is_file():
             shards.prepare_source(spec, tokenizer, out_dir, val_fraction=data.val_fraction,
@@ -98,14 +130,24 @@ def ensure_data(config: RunConfig, run_dir: Path, tokenizer: Tokenizer) -> Prepa
         counts.append(len(train_tokens))
         val_stats = manifest["splits"]["val"]
         ratios.append(val_stats["bytes"] / max(val_stats["tokens"], 1))
-    return PreparedData(names, train, val, ratios, counts)
+    replay = [False] * len(data.sources) + [True] * len(data.replay_sources)
+    return PreparedData(names, train, val, ratios, counts, replay)
 
 
 def mixture_weights(config: RunConfig, data: PreparedData) -> list[float]:
     """Return the sampling weight of each source: configured, or proportional to its tokens."""
-    weights = config.data.weights or [float(n) for n in data.train_tokens]
-    total = sum(weights)
-    return [w / total for w in weights]
+    main = [n for n, replay in zip(data.train_tokens, data.replay) if not replay]
+    replayed = [n for n, replay in zip(data.train_tokens, data.replay) if replay]
+    weights = config.data.weights or [float(n) for n in main]
+    fraction = config.data.replay_fraction if replayed else 0.0
+    shares = [(1 - fraction) * w / sum(weights) for w in weights]
+    shares += [fraction * n / sum(replayed) for n in replayed]
+    reason = "data.weights" if config.data.weights else "derived: proportional to training tokens"
+    if replayed:
+        reason += f", {100 * fraction:g}% replay of earlier-stage data"
+    log.info("mixture: %s (%s)", ", ".join(f"{name} {100 * share:.1f}%"
+                                          for name, share in zip(data.names, shares)), reason)
+    return shares
 
 
 def build_loaders(config: RunConfig, data: PreparedData) -> tuple[PackedLoader, list[ValidationSplit]]:
@@ -137,6 +179,8 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> CodeModel:
     model_config = config.model
     if model_config.vocab_size == 0:
         model_config.vocab_size = tokenizer.vocab_size
+        log.info("model.vocab_size = %d (derived: the tokenizer's vocabulary)",
+                 tokenizer.vocab_size)
     elif model_config.vocab_size < tokenizer.vocab_size:
         raise CodelingError(f"model.vocab_size={model_config.vocab_size} is smaller than the "
                             f"tokenizer's {tokenizer.vocab_size}; set model.vocab_size=0")
@@ -205,12 +249,56 @@ def restore(trainer: Trainer, model: CodeModel, checkpoint: Path, tokenizer: Tok
     log.info("resumed from %s at step %d", checkpoint, trainer.step)
 
 
+def find_init_checkpoint(config: RunConfig) -> Path | None:
+    """Resolve `init_from`: the name of an earlier stage of this run, or a path."""
+    if not config.init_from:
+        return None
+    stage_dir = config.resolved_run_dir() / config.init_from
+    if "/" not in config.init_from and stage_dir.is_dir():
+        return ckpt.resolve_checkpoint(stage_dir)
+    return ckpt.resolve_checkpoint(config.init_from)
+
+
+def initialize_from(model: CodeModel, checkpoint: Path, tokenizer: Tokenizer) -> None:
+    """Load another run's or stage's weights into a new model, after checking they match."""
+    loaded = ckpt.read_checkpoint_config(checkpoint)
+    ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint, "this run's tokenizer")
+    saved = dataclasses.asdict(loaded.config.model)
+    ours = dataclasses.asdict(model.config)
+    changed = [key for key in saved if saved[key] != ours[key]]
+    if changed:
+        raise CheckpointError(f"init_from checkpoint {checkpoint} has another model shape "
+                              f"(model.{changed[0]} is {saved[changed[0]]!r} there, "
+                              f"{ours[changed[0]]!r} here); use the same model settings")
+    ckpt.load_weights(model, checkpoint)
+    log.info("initialized weights from %s (optimizer and schedule start fresh)", checkpoint)
+
+
+def mark_done(stage_dir: Path, result: TrainResult, used_sources: list[str]) -> None:
+    """Record that a stage finished its budget, so a rerun of the pipeline skips it."""
+    record = {"step": result.step, "tokens": result.tokens, "stop_reason": result.stop_reason,
+              "val": result.val, "sources": used_sources,
+              "checkpoint": str(result.checkpoint) if result.checkpoint else None}
+    temporary = stage_dir / ".done.tmp"
+    temporary.write_text(json.dumps(record, indent=2))
+    os.replace(temporary, stage_dir / "done.json")
+
+
 def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
     """Run stage 0 if needed, prepare data, then train and checkpoint the model."""
     run_dir = config.resolved_run_dir()
     stage_dir = run_dir / config.stage
     checkpoint = check_resume(config, stage_dir, resume)
-    check_sources(list(config.data.sources) + list(config.tokenizer.sources))
+    init_checkpoint = None if checkpoint else find_init_checkpoint(config)
+    if config.data.replay_fraction > 0 and not config.data.replay_sources:
+        raise CodelingError(f"data.replay_fraction is {config.data.replay_fraction} but "
+                            "data.replay_sources is empty; name the sources to replay or set 0")
+    check_sources(config.data.replay_sources)
+    if not (run_dir / "tokenizer" / "tokenizer.json").is_file() and not config.tokenizer.path:
+        config.tokenizer.sources = resolve_sources(config.tokenizer.sources,
+                                                   config.data.fallback_sources)
+    config.data.sources = resolve_sources(config.data.sources, config.data.fallback_sources)
+    log.info("stage %s: training on %s", config.stage, ", ".join(config.data.sources))
     device = resolve_device(config.train.device)
     bf16 = use_bf16(config.train.precision, device)
     torch.manual_seed(config.train.seed)
@@ -228,7 +316,14 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
                       tokenizer.fingerprint, device, bf16)
     if checkpoint is not None:
         restore(trainer, model, checkpoint, tokenizer, config)
+    elif init_checkpoint is not None:
+        initialize_from(model, init_checkpoint, tokenizer)
     save_config(config, run_dir / "config.yaml")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, stage_dir / "config.yaml")
     describe_run(config, model, device, bf16)
     log.debug("resolved config: %s", config_to_dict(config))
-    return trainer.fit()
+    result = trainer.fit()
+    if result.stop_reason not in ("interrupted", "SIGTERM", "stop_at_step"):
+        mark_done(stage_dir, result, config.data.sources)
+    return result

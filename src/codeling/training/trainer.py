@@ -293,8 +293,11 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         progress = max(self.progress(), 1e-9)
         eta = self.elapsed / progress - self.elapsed
-        log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%% | "
-                 "elapsed %s | ETA %s", self.step, self.total_steps, loss, lr, norm, tokens_per_s,
+        total = str(self.total_steps)
+        if self.step / self.total_steps < progress:  # the time budget ends the run first
+            total = f"~{round(self.step / progress)}"
+        log.info("step %d/%s | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%% | "
+                 "elapsed %s | ETA %s", self.step, total, loss, lr, norm, tokens_per_s,
                  100 * mfu, format_duration(self.elapsed), format_duration(eta))
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                   "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
