@@ -88,7 +88,7 @@ def wait_for_server(url: str, process: subprocess.Popen) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.2)
-    raise RuntimeError(f"the server did not answer /health within {SERVER_START_TIMEOUT_S} s")
+    raise RuntimeError(f"the server did not respond to /health within {SERVER_START_TIMEOUT_S} s")
 
 
 async def stream_one(client: httpx.AsyncClient, max_tokens: int, seed: int) -> dict[str, float]:

@@ -33,6 +33,8 @@ def recipe(tmp_path: Path, **stages) -> dict:
             "language": {"data": {"sources": ["tinystories"]}},
             "code": {"init_from": "language",
                      "data": {"sources": [f"files:{STDLIB}/email/*.py"], "replay_fraction": 0.25}},
+            "eval": {"suites": ["bpb", "syntax", "humaneval"], "humaneval_samples": 2,
+                     "humaneval_limit": 2, "syntax_samples": 1, "max_new_tokens": 16},
         },
     }
 
@@ -89,9 +91,22 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, offline, capsys):
     code_metrics = (run / "code" / "metrics.jsonl").read_text()
     assert "unittest" in code_metrics  # replayed first-stage data is evaluated too
 
+    report = (run / "report.md").read_text()
+    assert "| language |" in report
+    assert "| code |" in report
+    assert "## Bits per byte on held-out data" in report
+    assert "## Syntax validity" in report
+    assert "2 problems, 2 samples each" in report
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["checkpoint"].endswith("step-000004")
+    assert results["humaneval"]["problems"] == 2
+
     before = {p: p.stat().st_mtime_ns for p in run.rglob("metrics.jsonl")}
+    before[run / "report.md"] = (run / "report.md").stat().st_mtime_ns
     assert main(["pipeline", str(path)]) == 0
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("metrics.jsonl")} == before
+    after = {p: p.stat().st_mtime_ns for p in run.rglob("metrics.jsonl")}
+    after[run / "report.md"] = (run / "report.md").stat().st_mtime_ns
+    assert after == before
 
     (run / "code" / "done.json").unlink()  # as if the run was killed after its checkpoint
     assert main(["pipeline", str(path), "--set", "train.max_steps=6"]) == 0

@@ -105,7 +105,7 @@ def build_plan(path: str, overrides: list[str] | None = None) -> Plan:
             if config is not None:
                 configs[name] = config
         elif name == "eval":
-            from codeling.evaluation.suite import EvalConfig, build_eval_config
+            from codeling.evaluation.suite import build_eval_config
 
             _collect(lambda: build_eval_config(settings, source="stages.eval"), problems)
         elif settings:
