@@ -20,11 +20,21 @@ def test_eval_command_writes_report(trained_run, tmp_path, capsys):
     assert "| code |" in report
     assert "pass@1" in report
     assert "pass@10" not in report  # needs at least 10 samples
-    results = json.loads((run / "eval" / "results.json").read_text())
+    results = json.loads((run / "eval" / "code.json").read_text())
     assert results["bpb"], "no held-out split was scored"
     for value in results["bpb"].values():
         assert 0 < value["bits_per_byte"] < 10
     assert results["syntax"]["rates"]["all"]["samples"] == 6 * 4
+
+
+def test_report_command_rewrites_card(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    assert main(["report", str(run)]) == 0
+    report = (run / "report.md").read_text()
+    assert "| code |" in report
+    assert "![code loss](code/loss.png)" in report
+    assert main(["report", str(tmp_path / "missing")]) == 2
 
 
 def test_eval_rejects_unknown_suite(trained_run, capsys):

@@ -85,3 +85,19 @@ def test_prompt_longer_than_context(generator):
 def test_invalid_settings_rejected(field, value):
     with pytest.raises(CodelingError):
         GenerationConfig(**{field: value}).validate()
+
+
+def test_complete_many_rows_match_limits(generator):
+    config = GenerationConfig(max_new_tokens=12, temperature=1.0, seed=7)
+    first = generator.complete_many("def f(x):", 4, config)
+    usage = generator.last_usage
+    assert len(first) == 4
+    assert len(set(first)) > 1  # rows sample independently
+    assert usage["completion_tokens"] <= 4 * 12
+    assert generator.complete_many("def f(x):", 4, config) == first
+
+
+def test_complete_many_greedy_rows_equal_single(generator):
+    config = GenerationConfig(max_new_tokens=10, temperature=0.0)
+    rows = generator.complete_many("import os\n", 3, config)
+    assert rows == [generator.complete("import os\n", config)] * 3

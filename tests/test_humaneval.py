@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from codeling import sandbox
 from codeling.config import ModelConfig
 from codeling.errors import CodelingError
 from codeling.evaluation import humaneval
@@ -104,6 +105,9 @@ def test_evaluate_end_to_end(problems, small_tokenizer):
     assert result["passed_samples"] == 0
     assert result["prompt_too_long"] == 0
     assert result["sandbox"]["runs"] == 6
+    support = sandbox.isolation_support()
+    for flag in ("network_isolated", "processes_limited", "filesystem_readonly"):
+        assert result["sandbox"][flag] == support[flag]
     assert result["settings"]["stop"] == list(humaneval.HUMANEVAL_STOP)
     assert 0 < result["settings"]["completion_tokens"] <= 6 * 16
     assert [entry["task_id"] for entry in result["results"]] == [

@@ -97,9 +97,14 @@ def test_pipeline_runs_skips_and_resumes(tmp_path, offline, capsys):
     assert "## Bits per byte on held-out data" in report
     assert "## Syntax validity" in report
     assert "2 problems, 2 samples each" in report
-    results = json.loads((run / "eval" / "results.json").read_text())
+    assert "## Samples (code)" in report
+    results = json.loads((run / "eval" / "code.json").read_text())
     assert results["checkpoint"].endswith("step-000004")
     assert results["humaneval"]["problems"] == 2
+    language_results = json.loads((run / "eval" / "language.json").read_text())
+    assert set(language_results) >= {"bpb", "checkpoint"}
+    assert "humaneval" not in language_results
+    assert "| source | language | code |" in report
 
     before = {p: p.stat().st_mtime_ns for p in run.rglob("metrics.jsonl")}
     before[run / "report.md"] = (run / "report.md").stat().st_mtime_ns

@@ -45,3 +45,18 @@ def test_gzip_baseline():
     repetitive = ["abc " * 1000]
     assert gzip_bits_per_byte(repetitive) < 0.2
     assert gzip_bits_per_byte([bytes(range(256)).decode("latin-1")]) > 7
+
+
+def test_quickstart_hybrid_arch(tmp_path, capsys):
+    run_dir = tmp_path / "hybrid"
+    code = main(["quickstart", "--arch", "hybrid", "--minutes", "0.6", "--run-dir", str(run_dir),
+                 "--compile", "off", "--set", "data.max_documents=100",
+                 "--set", "tokenizer.vocab_size=1024",
+                 "--set", "tokenizer.max_bytes_per_source=200000", "--set", "train.batch_size=4",
+                 "--set", "train.seq_len=64"])
+    assert code == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] > 0
+    config = (run_dir / "config.yaml").read_text()
+    assert "arch: hybrid" in config
+    assert "samples.md" in summary["samples"]

@@ -224,7 +224,8 @@ def test_bash_fork_bomb_is_contained(support):
     marker = f"codeling-bomb-{uuid.uuid4().hex}"
     script = f"# {marker}\nbomb() {{ bomb | bomb & }}\nbomb\nwait\n"
     result = sandbox.run(["bash", "-c", script], max_processes=16, timeout=3)
-    assert not result.ok
+    # Bash retries a failed fork a few times and then gives up, so the run may end on its own.
+    assert "fork: retry: Resource temporarily unavailable" in result.stderr
     assert result.duration < 3 + STARTUP_SLACK
     assert _wait_for_no_processes_with(marker) == []
 
@@ -244,14 +245,17 @@ def test_escaped_session_is_killed(support):
 
 def test_network_connection_fails():
     listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(5)
+    listener.settimeout(0.1)
     port = listener.getsockname()[1]
     accepted: list[socket.socket] = []
+    stop = threading.Event()
 
     def accept_all() -> None:
-        while True:
+        while not stop.is_set():
             try:
                 connection, _ = listener.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
             accepted.append(connection)
@@ -277,10 +281,11 @@ def test_network_connection_fails():
         assert "OSError" in result.stderr or "Error" in result.stderr
         assert len(accepted) == 1
     finally:
+        stop.set()
+        thread.join(timeout=5)
         listener.close()
         for connection in accepted:
             connection.close()
-        thread.join(timeout=5)
 
 
 def test_writes_outside_working_directory_fail(tmp_path):

@@ -154,6 +154,12 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
+def _add_report(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser("report", help="rewrite a run's report.md from its metrics "
+                                 "and saved evaluation results")
+    parser.add_argument("run_dir", metavar="RUN", help="run directory, for example runs/cpu-tiny")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the `codeling` command."""
     parser = argparse.ArgumentParser(
@@ -168,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compare(commands)
     _add_pipeline(commands)
     _add_eval(commands)
+    _add_report(commands)
     return parser
 
 
@@ -209,6 +216,10 @@ def _run(args: argparse.Namespace) -> int:
         from codeling.evaluation.suite import eval_command
 
         eval_command(args)
+    elif args.command == "report":
+        from codeling.evaluation.suite import report_command
+
+        report_command(Path(args.run_dir))
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 

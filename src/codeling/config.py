@@ -307,6 +307,11 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def build_section(cls: type, data: Any, problems: list[str]) -> Any:
+    """Build any config dataclass from a mapping, appending each problem to `problems`."""
+    return _build(cls, data, "", problems)
+
+
 def _check_relations(config: RunConfig, problems: list[str]) -> None:
     """Append problems that involve more than one field."""
     model = config.model

@@ -26,7 +26,7 @@ a possibly multi-threaded parent) applies the isolation and then executes the pr
   dumps.
 
 Each step that the system does not allow is skipped with a logged warning (once per process),
-and `SandboxResult` says which isolation the run actually had. `isolation_support()` runs one
+and `SandboxResult` records which isolation the run actually had. `isolation_support()` runs one
 trivial program to find out in advance.
 
 NOTE: Root inside the sandbox can still read any file that root can read, and it can fill the
@@ -184,6 +184,8 @@ def make_filesystem_readonly(workdir):
             set_mount_attributes(device, False, attr_clear=MOUNT_ATTR_NODEV)
     except OSError as error:
         raise RuntimeError(f"read-only setup failed halfway: {error}") from error
+    # The current directory still points below the read-only mount, not the new bind mount.
+    os.chdir(workdir)
 
 
 def drop_capabilities():
@@ -252,6 +254,27 @@ def run_init(config, argv, setup):
             os._exit(0)
 
 
+def join_cgroup(config, setup):
+    """Move this process into the run's pids cgroup; return True on success."""
+    try:
+        write_file(os.path.join(config["cgroup"], "cgroup.procs"), str(os.getpid()))
+        return True
+    except OSError as error:
+        setup["errors"].append(f"joining cgroup {config['cgroup']}: {error}")
+        return False
+
+
+def limit_processes(config, setup):
+    """Set pids.max, counting the launcher and init only when they exist."""
+    extra = config["launcher_tasks"] if setup["pid_namespace"] else 0
+    try:
+        write_file(os.path.join(config["cgroup"], "pids.max"),
+                   str(config["max_processes"] + extra))
+        setup["cgroup"] = True
+    except OSError as error:
+        setup["errors"].append(f"setting pids.max in {config['cgroup']}: {error}")
+
+
 def main():
     config = json.loads(sys.argv[1])
     argv = sys.argv[2:]
@@ -259,32 +282,25 @@ def main():
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != config["parent_pid"]:
         os._exit(1)  # the parent died before the death signal was armed
+
     setup = {"cgroup": False, "network_isolated": False, "pid_namespace": False,
              "filesystem_readonly": False, "fresh_proc": False, "capabilities_dropped": False,
              "errors": []}
-    cgroup = config["cgroup"]
-    if cgroup:
-        try:
-            write_file(os.path.join(cgroup, "cgroup.procs"), str(os.getpid()))
-            setup["cgroup"] = True
-        except OSError as error:
-            setup["errors"].append(f"joining cgroup {cgroup}: {error}")
+    # Join the cgroup before entering a user namespace, which may lose the right to.
+    joined = bool(config["cgroup"]) and join_cgroup(config, setup)
     flags = enter_namespaces(setup)
     setup["network_isolated"] = bool(flags & CLONE_NEWNET)
     setup["pid_namespace"] = bool(flags & CLONE_NEWPID)
-    if setup["cgroup"]:
-        extra = 2 if setup["pid_namespace"] else 0
-        try:
-            write_file(os.path.join(cgroup, "pids.max"), str(config["max_processes"] + extra))
-        except OSError as error:
-            setup["cgroup"] = False
-            setup["errors"].append(f"setting pids.max: {error}")
+    # Before the file system, /sys/fs/cgroup included, becomes read-only.
+    if joined:
+        limit_processes(config, setup)
     if flags & CLONE_NEWNS:
         try:
             make_filesystem_readonly(config["workdir"])
             setup["filesystem_readonly"] = True
         except OSError as error:
             setup["errors"].append(f"read-only file system: {error}")
+
     if setup["pid_namespace"]:
         init = os.fork()
         if init == 0:
@@ -384,7 +400,7 @@ def run(argv: Sequence[str], stdin: str | bytes | None = None, timeout: float = 
             if cgroup is not None:
                 cgroup.remove()
     finally:
-        shutil.rmtree(workdir, onerror=_log_cleanup_error)
+        _remove_workdir(workdir)
 
 
 @functools.lru_cache(maxsize=1)
@@ -443,8 +459,14 @@ def _write_files(workdir: Path, files: Mapping[str, str | bytes]) -> None:
             path.write_text(content, encoding="utf-8")
 
 
-def _log_cleanup_error(function: Any, path: str, error: Any) -> None:
-    logger.warning("could not remove sandbox path %s: %s", path, error[1])
+def _remove_workdir(workdir: str) -> None:
+    def log_error(function: Any, path: str, error: Any) -> None:
+        logger.warning("could not remove sandbox path %s: %s", path, error)
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(workdir, onexc=log_error)
+    else:
+        shutil.rmtree(workdir, onerror=log_error)
 
 
 def _child_env(workdir: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -504,6 +526,7 @@ def _execute(argv: list[str], workdir: str, stdin: str | bytes | None, timeout: 
         "workdir": workdir,
         "cgroup": str(cgroup.path) if cgroup is not None else None,
         "max_processes": max_processes,
+        "launcher_tasks": LAUNCHER_TASKS,
         "rlimits": _rlimits(timeout, memory_mb, max_file_mb, max_processes, cgroup),
     }
     command = [sys.executable, "-I", "-S", "-c", _LAUNCHER_SOURCE, json.dumps(config), *argv]

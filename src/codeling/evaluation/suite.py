@@ -12,6 +12,7 @@ losses), links each stage's loss plot, and lists the suites' results for the fin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,8 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from codeling.config import _build, option
-from codeling.errors import ConfigError
+from codeling.config import build_section, option
+from codeling.errors import CodelingError, ConfigError
 from codeling.inference.generate import Generator
 from codeling.training import checkpoint as ckpt
 
@@ -59,7 +60,7 @@ class EvalConfig:
 def build_eval_config(settings: dict, source: str = "eval") -> EvalConfig:
     """Validate eval settings and return an EvalConfig, raising one ConfigError for all problems."""
     problems: list[str] = []
-    config = _build(EvalConfig, settings, "", problems)
+    config = build_section(EvalConfig, settings, problems)
     if problems:
         raise ConfigError(problems, source=source)
     return config
@@ -78,44 +79,86 @@ def _stage_rows(run_dir: Path) -> list[str]:
         steps = [r for r in records if "loss" in r]
         if not steps:
             continue
-        last_step = max(r["step"] for r in records if "val_loss" in r) if any(
-            "val_loss" in r for r in records) else None
+        evaluated = [r["step"] for r in records if "val_loss" in r]
+        last_step = max(evaluated) if evaluated else None
         val = "; ".join(f"{r['split']} {r['val_loss']:.3f} / {r['val_bits_per_byte']:.3f}"
                         for r in records if "val_loss" in r and r["step"] == last_step)
         done = run_dir / stage / "done.json"
         sources = ", ".join(json.loads(done.read_text())["sources"]) if done.is_file() else "-"
         rows.append(f"| {stage} | {sources} | {steps[-1]['step']} | "
                     f"{steps[-1]['tokens'] / 1e6:.2f}M | {steps[-1]['elapsed'] / 60:.1f} min | "
-                    f"{steps[-1]['loss']:.3f} | {val or '-'} | [loss plot]({stage}/loss.png) |")
+                    f"{steps[-1]['loss']:.3f} | {val or '-'} |")
     return rows
 
 
-def write_report(run_dir: Path, checkpoint: Path, results: dict) -> Path:
-    """Write report.md: one row per stage, then the suites' results for `checkpoint`."""
-    lines = ["# Report card", "", f"Run: `{run_dir}`. Evaluated checkpoint: `{checkpoint}`.", ""]
+def _load_results(run_dir: Path) -> dict[str, dict]:
+    """Return the saved eval results of each stage, in pipeline order."""
+    found = {}
+    for stage in TRAINING_STAGES:
+        path = run_dir / "eval" / f"{stage}.json"
+        if path.is_file():
+            found[stage] = json.loads(path.read_text())
+    return found
+
+
+def _bpb_table(results: dict[str, dict]) -> list[str]:
+    stages = [stage for stage, result in results.items() if "bpb" in result]
+    if not stages:
+        return []
+    sources = sorted({name for stage in stages for name in results[stage]["bpb"]})
+    lines = ["## Bits per byte on held-out data", "",
+             "Lower is better, and comparable across tokenizers. One column per stage's final "
+             "checkpoint.", "",
+             "| source | " + " | ".join(stages) + " |", "|---|" + "---|" * len(stages)]
+    for name in sources:
+        cells = [f"{results[stage]['bpb'][name]['bits_per_byte']:.3f}"
+                 if name in results[stage]["bpb"] else "-" for stage in stages]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _syntax_section(stage: str, syntax: dict) -> list[str]:
+    lines = [f"## Syntax validity of sampled completions ({stage})", "",
+             "| language | valid | samples |", "|---|---|---|"]
+    lines += [f"| {language} | {100 * rate['rate']:.1f}% | {rate['samples']} |"
+              for language, rate in syntax["rates"].items()]
+    lines += ["", f"## Samples ({stage})", ""]
+    for entry in syntax["results"]:
+        completion = entry["completions"][0]
+        mark = "valid" if completion["valid"] else "invalid"
+        lines += [f"{entry['language']}, {mark} syntax:", "", f"```{entry['language']}",
+                  entry["prompt"] + completion["completion"], "```", ""]
+    return lines
+
+
+def _humaneval_section(stage: str, human: dict) -> list[str]:
+    scores = ", ".join(f"{key} {100 * value:.1f}%" for key, value in human["pass_at_k"].items())
+    settings = human["settings"]
+    return [f"## HumanEval ({stage})", "",
+            f"{human['problems']} problems, {human['n_samples']} samples each, temperature "
+            f"{settings['temperature']}, at most {settings['max_new_tokens']} new tokens: "
+            f"{scores}. Completions ran in `codeling.sandbox`.", ""]
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write report.md from the run's metrics and saved eval results; return its path."""
+    results = _load_results(run_dir)
+    lines = ["# Report card", "", f"Run: `{run_dir}`.", ""]
     rows = _stage_rows(run_dir)
     if rows:
         lines += ["## Stages", "",
                   "| stage | data | steps | tokens | time | final train loss | "
-                  "validation loss / bits per byte | plot |", "|---|---|---|---|---|---|---|---|"]
+                  "validation loss / bits per byte |", "|---|---|---|---|---|---|---|"]
         lines += rows + [""]
-    if "bpb" in results:
-        lines += ["## Bits per byte on held-out data", "", "| source | bits per byte | tokens |",
-                  "|---|---|---|"]
-        lines += [f"| {name} | {value['bits_per_byte']:.3f} | {value['tokens']:,} |"
-                  for name, value in results["bpb"].items()]
-        lines.append("")
-    if "syntax" in results:
-        lines += ["## Syntax validity of sampled completions", "", "| language | valid | samples |",
-                  "|---|---|---|"]
-        lines += [f"| {language} | {100 * value['valid_rate']:.1f}% | {value['samples']} |"
-                  for language, value in results["syntax"].items()]
-        lines.append("")
-    if "humaneval" in results:
-        human = results["humaneval"]
-        scores = ", ".join(f"{key} {100 * value:.1f}%" for key, value in human["pass_at_k"].items())
-        lines += ["## HumanEval", "", f"{human['problems']} problems, {human['samples']} samples "
-                  f"each, temperature {human['temperature']}: {scores}.", ""]
+        for stage in TRAINING_STAGES:
+            if (run_dir / stage / "loss.png").is_file():
+                lines += [f"![{stage} loss]({stage}/loss.png)", ""]
+    lines += _bpb_table(results)
+    for stage, result in results.items():
+        if "syntax" in result:
+            lines += _syntax_section(stage, result["syntax"])
+        if "humaneval" in result:
+            lines += _humaneval_section(stage, result["humaneval"])
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -194,47 +237,64 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
     return results
 
 
+def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
+    """Save one checkpoint's results as eval/<stage>.json, atomically."""
+    out_dir = run_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{checkpoint.parents[1].name}.json"
+    temporary = out_dir / f".{path.name}.tmp"
+    temporary.write_text(json.dumps(results, indent=2))
+    os.replace(temporary, path)
+    return path
+
+
 def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
-    """Evaluate the newest checkpoint under `target`, save eval.json and write the report card."""
+    """Evaluate the newest checkpoint under `target`, save its results, rewrite the report."""
     checkpoint = ckpt.resolve_checkpoint(target)
     run_dir = run_dir_of(checkpoint)
     results = run_suites(checkpoint, config, run_dir)
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    temporary = out_dir / ".results.json.tmp"
-    temporary.write_text(json.dumps(results, indent=2))
-    os.replace(temporary, out_dir / "results.json")
-    report = write_report(run_dir, checkpoint, _summary_for_report(results, config))
+    save_results(run_dir, checkpoint, results)
+    report = write_report(run_dir)
     log.info("report card: %s", report)
     return report, results
 
 
-def _summary_for_report(results: dict, config: EvalConfig) -> dict:
-    summary: dict = {}
-    if "bpb" in results:
-        summary["bpb"] = results["bpb"]
-    if "syntax" in results:
-        summary["syntax"] = {language: {"valid_rate": rate["rate"], "samples": rate["samples"]}
-                             for language, rate in results["syntax"]["rates"].items()}
-    if "humaneval" in results:
-        human = results["humaneval"]
-        summary["humaneval"] = {"problems": human["problems"], "samples": human["n_samples"],
-                                "temperature": config.temperature,
-                                "pass_at_k": human["pass_at_k"]}
-    return summary
-
-
 def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
-    """The pipeline's eval stage: evaluate the run's newest checkpoint unless already done."""
+    """Run the pipeline's eval stage, unless done: every suite on the last training stage and
+    bits per byte on the earlier ones, so the report shows what each stage changed."""
     done = run_dir / "eval" / "done.json"
     if done.is_file():
         log.info("stage eval: done (%s exists), skipping", done)
         return
-    report, results = evaluate_run(run_dir, config)
+    stages = [stage for stage in TRAINING_STAGES
+              if ckpt.latest_checkpoint(run_dir / stage) is not None]
+    if not stages:
+        raise CodelingError(f"no trained stage in {run_dir} to evaluate; run the training "
+                            "stages first")
+    for stage in stages:
+        checkpoint = ckpt.latest_checkpoint(run_dir / stage)
+        suites = config.suites if stage == stages[-1] else [s for s in config.suites if s == "bpb"]
+        if not suites:
+            continue
+        log.info("evaluating %s (%s): %s", stage, checkpoint, ", ".join(suites))
+        stage_config = dataclasses.replace(config, suites=suites)
+        save_results(run_dir, checkpoint, run_suites(checkpoint, stage_config, run_dir))
+    report = write_report(run_dir)
     temporary = run_dir / "eval" / ".done.tmp"
-    temporary.write_text(json.dumps({"checkpoint": results["checkpoint"],
-                                     "report": str(report)}, indent=2))
+    temporary.write_text(json.dumps({"stages": stages, "report": str(report)}, indent=2))
     os.replace(temporary, done)
+    log.info("report card: %s", report)
+
+
+def report_command(run_dir: Path) -> Path:
+    """Rewrite report.md from saved metrics and eval results (`codeling report RUN`)."""
+    if not run_dir.is_dir():
+        raise CodelingError(f"run directory {str(run_dir)!r} not found; pass a run directory "
+                            "such as runs/cpu-tiny")
+    report = write_report(run_dir)
+    print(report.read_text())
+    print(f"report card: {report}")
+    return report
 
 
 def eval_command(args) -> Path:

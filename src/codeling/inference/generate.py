@@ -154,6 +154,7 @@ class Generator:
         tokens = torch.tensor([ids] * n, device=self.device)  # (n, T)
         rows: list[list[int]] = [[] for _ in range(n)]
         done = [False] * n
+        self.last_usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
         for _ in range(max_new):
             with autocast(self.device, self.bf16):
                 logits = self.model(tokens, cache)[:, -1].float()  # (n, V)
@@ -163,6 +164,7 @@ class Generator:
             for row, token in enumerate(next_ids.tolist()):
                 if done[row]:
                     continue
+                self.last_usage["completion_tokens"] += 1
                 if token in self.stop_ids:
                     done[row] = True
                     continue
