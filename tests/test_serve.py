@@ -6,10 +6,17 @@ with the official `openai` client, and with httpx where a request must be malfor
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+
+from pathlib import Path
 
 import httpx
 import openai
@@ -17,13 +24,15 @@ import pytest
 import torch
 import uvicorn
 
-from codeling.config import ModelConfig
+from codeling.config import ModelConfig, config_from_dict
 from codeling.inference.engine import (BatchedDecoder, Engine, EngineOverloadedError,
                                        PromptTooLongError, SamplingParams, Sequence,
                                        SequentialDecoder)
 from codeling.models.decoder import CodeModel
 from codeling.serve.app import create_app
 from codeling.serve.chat_format import ChatFormatError, render_chat
+from codeling.serve.command import add_serve_parser
+from codeling.training.checkpoint import save_checkpoint
 
 MODEL_NAME = "tiny-test"
 API_KEY = "test-key"
@@ -201,8 +210,10 @@ def test_engine_queue_full_and_cancel(small_tokenizer):
             engine.submit(list(range(20, 532)), params)
         first.cancel()
         second.cancel()
-        assert wait_until(lambda: engine.active_count == 0 and engine.waiting_count == 0, 10)
-        assert first.finished and second.finished
+        assert wait_until(lambda: first.finished, 10)
+        assert wait_until(lambda: second.finished, 10)
+        assert engine.active_count == 0
+        assert engine.waiting_count == 0
         assert first.collect(timeout=5).finish_reasons == ["cancelled"]
 
 
@@ -361,6 +372,8 @@ ERROR_CASES = [
      chat_body(messages=[{"role": "robot", "content": "x"}]), 400, "messages[0].role",
      "invalid_value"),
     ("n too large", "/v1/chat/completions", chat_body(n=100), 400, "n", "invalid_value"),
+    ("seed too large", "/v1/completions", completion_body(seed=2**64), 400, "seed",
+     "invalid_value"),
     ("too many stop strings", "/v1/completions", completion_body(stop=list("abcde")), 400,
      "stop", "invalid_value"),
     ("body too large", "/v1/completions", completion_body(prompt="a" * MAX_BODY_BYTES), 413,
@@ -428,6 +441,43 @@ def test_disconnect_mid_stream_frees_slot(http, engine):
     assert wait_until(lambda: engine.active_count == 0, 5)
 
 
+def test_disconnect_while_waiting_frees_slot(server, engine):
+    cancelled_before = engine.stats.cancelled_sequences
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(temperature=0),
+                   headers={"Authorization": f"Bearer {API_KEY}"},
+                   timeout=httpx.Timeout(30, read=0.2))
+    assert wait_until(lambda: engine.stats.cancelled_sequences > cancelled_before, 10), \
+        "the server did not cancel the request of a disconnected client"
+    assert time.monotonic() - started < 5
+    assert wait_until(lambda: engine.active_count == 0, 5)
+
+
+def test_model_failure_gives_server_error(small_tokenizer):
+    class FailingDecoder(SequentialDecoder):
+        def decode(self, sequences):
+            raise RuntimeError("simulated device failure")
+
+    model = tiny_model(small_tokenizer.vocab_size, max_seq_len=128)
+    engine = Engine(model, small_tokenizer, CPU, decoder="sequential")
+    engine.decoder = FailingDecoder(model, CPU, bf16=False)
+    with ServerThread(create_app(engine, MODEL_NAME)) as running:
+        with httpx.Client(base_url=running.url, timeout=30) as http:
+            whole = http.post("/v1/completions", json=completion_body(max_tokens=5))
+            streamed = http.post("/v1/completions",
+                                 json=completion_body(max_tokens=5, stream=True))
+    assert whole.status_code == 500
+    assert whole.json()["error"]["type"] == "server_error"
+    assert whole.headers["x-request-id"] in whole.json()["error"]["message"]
+    assert "simulated" not in whole.text  # the cause stays in the server log
+    assert streamed.status_code == 200
+    events = [line for line in streamed.text.splitlines() if line]
+    assert '"server_error"' in events[-2]
+    assert events[-1] == "data: [DONE]"
+    assert engine.stats.failed_sequences == 2
+
+
 def test_concurrent_requests_all_succeed(server, engine):
     async def send_all():
         async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY,
@@ -458,3 +508,74 @@ def test_overloaded_server_returns_503(small_tokenizer):
                 second = http.post("/v1/completions", json=completion_body(max_tokens=2))
         assert second.status_code == 503
         assert second.json()["error"]["code"] == "server_overloaded"
+
+
+# -- the serve command --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, small_tokenizer):
+    """A run directory with one checkpoint of a tiny random model."""
+    base = tmp_path_factory.mktemp("serve-run")
+    model = tiny_model(small_tokenizer.vocab_size, max_seq_len=64, d_model=32, n_heads=2,
+                       n_kv_heads=1)
+    config = config_from_dict({"model": dataclasses.asdict(model.config),
+                               "train": {"seq_len": 64}})
+    tokenizer_dir = small_tokenizer.save(base / "tokenizer")
+    save_checkpoint(base / "run" / "code", 1, model, config, {}, tokenizer_dir,
+                    small_tokenizer.fingerprint)
+    return base / "run"
+
+
+def parse_serve(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="codeling")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_serve_parser_defaults(run_dir):
+    args = parse_serve([str(run_dir)])
+    assert args.host == "127.0.0.1"
+    assert args.port == 8000
+    assert args.api_key is None
+    assert args.model_name is None
+    assert args.max_batch_size == 16
+
+
+def test_engine_from_checkpoint_generates(run_dir, small_tokenizer):
+    with Engine.from_checkpoint(run_dir, device="cpu", max_batch_size=2) as engine:
+        output = engine.generate(small_tokenizer.encode("def"),
+                                 SamplingParams(max_tokens=4, temperature=0), timeout=30)
+    assert output.finish_reasons in (["length"], ["stop"])
+    assert 1 <= output.completion_tokens <= 4
+
+
+def test_run_serve_subprocess(run_dir):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = ("import logging, sys; from test_serve import parse_serve; "
+              "logging.basicConfig(level=logging.INFO); "
+              "from codeling.serve.command import run_serve; "
+              "sys.exit(run_serve(parse_serve(sys.argv[1:])))")
+    command = [sys.executable, "-c", script, str(run_dir), "--port", str(port),
+               "--api-key", API_KEY, "--model-name", "served", "--device", "cpu"]
+    process = subprocess.Popen(command, cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def healthy() -> bool:
+            try:
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return process.poll() is not None  # stop waiting if the server died
+        assert wait_until(healthy, 60)
+        assert process.poll() is None, process.stdout.read()
+        models = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
+        assert [model["id"] for model in models.json()["data"]] == ["served"]
+    finally:
+        process.terminate()
+        output, _ = process.communicate(timeout=20)
+    # uvicorn (0.55) shuts down gracefully on SIGTERM, then raises the signal again to exit.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "engine stopped" in output

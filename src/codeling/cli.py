@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from codeling.errors import CodelingError
+from codeling.serve.command import add_serve_parser
 
 
 def _add_quickstart(commands: argparse._SubParsersAction) -> None:
@@ -175,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pipeline(commands)
     _add_eval(commands)
     _add_report(commands)
+    add_serve_parser(commands)
     return parser
 
 
@@ -220,6 +222,10 @@ def _run(args: argparse.Namespace) -> int:
         from codeling.evaluation.suite import report_command
 
         report_command(Path(args.run_dir))
+    elif args.command == "serve":
+        from codeling.serve.command import run_serve
+
+        return run_serve(args)
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 

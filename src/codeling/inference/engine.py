@@ -51,7 +51,7 @@ FINISH_ERROR = "error"  # the model raised an exception; the message is in Finis
 
 
 class EngineError(CodelingError):
-    """A request the engine cannot take; the message says why and what to change."""
+    """A request the engine rejects; the message states why and what to change."""
 
 
 class EngineOverloadedError(EngineError):
@@ -101,6 +101,8 @@ class SamplingParams:
             raise EngineError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.n < 1:
             raise EngineError(f"n must be at least 1, got {self.n}")
+        if self.seed is not None and not -2**63 <= self.seed < 2**63:
+            raise EngineError(f"seed must be a signed 64-bit integer, got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -217,7 +219,7 @@ class RequestHandle:
         return RequestOutput(texts, reasons, self.prompt_tokens, self.completion_tokens, errors)
 
     def _emit(self, event: Event) -> None:
-        """Deliver an event; called by the engine, never raises."""
+        """Deliver an event; a failing callback is logged and cancels the request."""
         if isinstance(event, Finished):
             with self._lock:
                 self._finished[event.index] = True
@@ -371,10 +373,11 @@ class BatchedDecoder:
         cos, sin = self.model.rotary(0, span)  # (span, E)
         cos = cos[positions][:, None, None, :]  # (n, 1, 1, E), broadcast over heads
         sin = sin[positions][:, None, None, :]
+        step = _AttentionStep(positions, torch.arange(count, device=self.device), span)
         with autocast(self.device, self.bf16):
             x = self.model.embed_tokens(tokens)  # (n, 1, D)
             for layer, layer_cache in zip(self.model.layers, self.cache.layers):
-                x = self._layer_step(layer, layer_cache, x, cos, sin, positions, span)
+                x = self._layer_step(layer, layer_cache, x, cos, sin, step)
             logits = self.model.lm_head(self.model.norm(x))[:, -1].float()  # (n, V)
         for sequence in self.rows:
             sequence.position += 1
@@ -396,7 +399,7 @@ class BatchedDecoder:
 
     def _layer_step(self, layer: DecoderLayer, layer_cache: KVCache | MambaCache,
                     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    positions: torch.Tensor, span: int) -> torch.Tensor:
+                    step: _AttentionStep) -> torch.Tensor:
         count = x.shape[0]
         if isinstance(layer_cache, MambaCache):
             # The Mamba step is already per-row; it just needs a cache of batch size n.
@@ -406,7 +409,7 @@ class BatchedDecoder:
             layer_cache.ssm_state[:count] = view.ssm_state
             return x
         x = x + _attention_step(layer.self_attn, layer.input_layernorm(x), cos, sin,
-                                layer_cache, positions, span)
+                                layer_cache, step)
         # The feed-forward part of DecoderLayer.forward.
         if layer.ffn_kind == "mlp":
             x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -424,12 +427,25 @@ class BatchedDecoder:
                 layer_cache.ssm_state[target] = layer_cache.ssm_state[source]
 
 
+class _AttentionStep:
+    """Row indices, positions and the attention mask of one decode step, shared by all layers."""
+
+    def __init__(self, positions: torch.Tensor, rows: torch.Tensor, span: int):
+        self.positions = positions  # (n)
+        self.rows = rows  # (n): 0 .. n-1
+        self.span = span  # cache positions any row attends to: max(positions) + 1
+        # Row b attends to positions 0 .. positions[b]. When every row is at the last position
+        # of the span (always so for one row), nothing is masked, so no mask is passed.
+        visible = torch.arange(span, device=positions.device)[None, :] <= positions[:, None]
+        self.mask = None if bool(visible.all()) else visible[:, None, None, :]  # (n, 1, 1, S)
+
+
 def _attention_step(attention: Attention, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    cache: KVCache, positions: torch.Tensor, span: int) -> torch.Tensor:
+                    cache: KVCache, step: _AttentionStep) -> torch.Tensor:
     """Attend one new token per row, each row at its own position; x (n, 1, D).
 
     This is `Attention.forward` for T = 1 with per-row positions: row b stores its key and value
-    at positions[b] and sees cache positions 0 .. positions[b] only.
+    at positions[b] and attends to cache positions 0 .. positions[b] only.
     """
     count = x.shape[0]
     heads, kv_heads, head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
@@ -438,13 +454,11 @@ def _attention_step(attention: Attention, x: torch.Tensor, cos: torch.Tensor, si
     v = attention.v_proj(x).view(count, 1, kv_heads, head_dim).transpose(1, 2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-    rows = torch.arange(count, device=x.device)
-    cache.keys[rows, :, positions] = k[:, :, 0].to(cache.keys.dtype)  # (n, K, E) per row
-    cache.values[rows, :, positions] = v[:, :, 0].to(cache.values.dtype)
-    keys = cache.keys[:count, :, :span].to(q.dtype)  # (n, K, S, E)
-    values = cache.values[:count, :, :span].to(q.dtype)
-    visible = torch.arange(span, device=x.device)[None, :] <= positions[:, None]  # (n, S)
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=visible[:, None, None, :],
+    cache.keys[step.rows, :, step.positions] = k[:, :, 0].to(cache.keys.dtype)  # (n, K, E)
+    cache.values[step.rows, :, step.positions] = v[:, :, 0].to(cache.values.dtype)
+    keys = cache.keys[:count, :, :step.span].to(q.dtype)  # (n, K, S, E)
+    values = cache.values[:count, :, :step.span].to(q.dtype)
+    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask,
                                          enable_gqa=heads != kv_heads)  # (n, H, 1, E)
     out = out.transpose(1, 2).reshape(count, 1, heads * head_dim)
     return attention.o_proj(out)  # (n, 1, D)

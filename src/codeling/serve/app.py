@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -169,7 +169,8 @@ class _Body(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**63 - 1)  # a signed 64-bit integer
+    top_k: int | None = Field(None, ge=0)  # not in OpenAI's API; vLLM accepts it too
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float | None = None
@@ -233,7 +234,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """Read the body, answering 413 when it is larger than `limit` bytes."""
+    """Read the body; raise APIError 413 when it is larger than `limit` bytes."""
     too_large = APIError(413, f"the request body is larger than {limit} bytes; send a smaller "
                          "request", code="request_too_large")
     declared = request.headers.get("content-length", "")
@@ -303,6 +304,7 @@ class _Run:
     handles: list[RequestHandle]
     events: asyncio.Queue[tuple[int, Event]]
     n: int
+    checked_at: float = field(default_factory=time.monotonic)  # last check for a disconnect
 
     @property
     def choices(self) -> int:
@@ -350,6 +352,7 @@ class _Server:
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,
+            top_k=body.top_k or 0,
             stop=tuple(stop for stop in stops if stop),
             seed=body.seed, n=n)
 
@@ -392,24 +395,39 @@ def _engine_api_error(error: EngineError, prompt_param: str) -> APIError:
 
 
 async def _next_event(run: _Run, request: Request) -> tuple[int, Event]:
-    """Wait for the next event, checking now and then that the client is still connected."""
+    """Wait for the next event; every DISCONNECT_POLL_S, check that the client is connected."""
     while True:
+        now = time.monotonic()
+        if now - run.checked_at >= DISCONNECT_POLL_S:
+            run.checked_at = now
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+        if not run.events.empty():
+            return run.events.get_nowait()  # skips the cost of wait_for's task under load
         try:
             return await asyncio.wait_for(run.events.get(), timeout=DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                raise ClientDisconnected() from None
+            continue
 
 
-async def _iterate(run: _Run, request: Request) -> AsyncIterator[tuple[int, TextDelta | Finished]]:
-    """Yield (choice index, event) until every choice has finished."""
+async def _batches(run: _Run,
+                   request: Request) -> AsyncIterator[list[tuple[int, TextDelta | Finished]]]:
+    """Yield every event that is ready, as (choice index, event) pairs, until all choices end.
+
+    Under load the engine sends events faster than one at a time can be written, so taking all
+    ready events at once lets the stream write them together.
+    """
     remaining = run.choices
     while remaining:
-        prompt_index, event = await _next_event(run, request)
-        choice = prompt_index * run.n + event.index
-        if isinstance(event, Finished):
-            remaining -= 1
-        yield choice, event
+        ready = [await _next_event(run, request)]
+        while not run.events.empty():
+            ready.append(run.events.get_nowait())
+        batch = []
+        for prompt_index, event in ready:
+            batch.append((prompt_index * run.n + event.index, event))
+            if isinstance(event, Finished):
+                remaining -= 1
+        yield batch
 
 
 def _choice_failure(event: Finished, request_id: str) -> APIError:
@@ -426,13 +444,14 @@ async def _collect(run: _Run, request: Request, request_id: str) -> tuple[list[s
     texts = [""] * run.choices
     reasons = [""] * run.choices
     try:
-        async for choice, event in _iterate(run, request):
-            if isinstance(event, TextDelta):
-                texts[choice] += event.text
-            elif event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
-                raise _choice_failure(event, request_id)
-            else:
-                reasons[choice] = event.finish_reason
+        async for batch in _batches(run, request):
+            for choice, event in batch:
+                if isinstance(event, TextDelta):
+                    texts[choice] += event.text
+                elif event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
+                    raise _choice_failure(event, request_id)
+                else:
+                    reasons[choice] = event.finish_reason
     except ClientDisconnected:
         log.info("request %s: client disconnected; request cancelled", request_id)
         raise APIError(499, "the client closed the connection",
@@ -452,21 +471,36 @@ async def _stream(run: _Run, request: Request, request_id: str,
                   delta_choice: Callable[[int, str], dict[str, Any]],
                   final_choice: Callable[[int, str], dict[str, Any]],
                   first_chunks: list[dict[str, Any]], include_usage: bool) -> AsyncIterator[str]:
-    """Yield server-sent events for a run; cancel the run when the client goes away."""
+    """Yield server-sent events for a run; cancel the run when the client goes away.
+
+    The text deltas of one choice that are ready together go out as one chunk.
+    """
     try:
-        for chunk in first_chunks:
-            yield _sse(chunk)
-        async for choice, event in _iterate(run, request):
-            if isinstance(event, TextDelta):
-                yield _sse(make_chunk([delta_choice(choice, event.text)]))
-            elif event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
-                yield _sse(_choice_failure(event, request_id).body())
+        if first_chunks:
+            yield "".join(_sse(chunk) for chunk in first_chunks)
+        failure = None
+        async for batch in _batches(run, request):
+            parts = []
+            pending: dict[int, str] = {}  # text of each choice not yet written, in order
+            for choice, event in batch:
+                if isinstance(event, TextDelta):
+                    pending[choice] = pending.get(choice, "") + event.text
+                    continue
+                if choice in pending:
+                    parts.append(_sse(make_chunk([delta_choice(choice, pending.pop(choice))])))
+                if event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
+                    failure = _choice_failure(event, request_id)
+                    break
+                parts.append(_sse(make_chunk([final_choice(choice, event.finish_reason)])))
+            parts.extend(_sse(make_chunk([delta_choice(choice, text)]))
+                         for choice, text in pending.items())
+            if failure is not None:
+                parts.append(_sse(failure.body()))
+            yield "".join(parts)
+            if failure is not None:
                 break
-            else:
-                yield _sse(make_chunk([final_choice(choice, event.finish_reason)]))
-        else:
-            if include_usage:
-                yield _sse({**make_chunk([]), "usage": run.usage()})
+        if failure is None and include_usage:
+            yield _sse({**make_chunk([]), "usage": run.usage()})
         yield _sse("[DONE]")
     except ClientDisconnected:
         log.info("request %s: client disconnected during the stream; request cancelled",

@@ -4,12 +4,12 @@ A conversation renders as
 
     <|bos|> <|system|> text <|end_turn|> <|user|> text <|end_turn|> ... <|assistant|>
 
-where each message is its role token, its encoded text and `<|end_turn|>`, and the final
-`<|assistant|>` opens the turn the model generates; the model ends it with `<|end_turn|>`.
+where each message is its role token, its encoded text and `<|end_turn|>`. The final
+`<|assistant|>` opens the turn the model generates, and the model ends it with `<|end_turn|>`.
 Special tokens are inserted by id, so special-token strings inside message text stay plain text.
 
-NOTE: this is a stand-in until a tuned chat template exists; `render_chat` is the only function
-the server calls, so a new template replaces this one function.
+NOTE: this format is a stand-in until a tuned chat template exists. The server calls only
+`render_chat`, so a new template replaces this one function.
 """
 
 from __future__ import annotations
