@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from codeling.errors import CodelingError
+from codeling.export.command import add_export_parser
 from codeling.serve.command import add_serve_parser
 
 
@@ -177,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(commands)
     _add_report(commands)
     add_serve_parser(commands)
+    add_export_parser(commands)
     return parser
 
 
@@ -222,6 +224,10 @@ def _run(args: argparse.Namespace) -> int:
         from codeling.evaluation.suite import report_command
 
         report_command(Path(args.run_dir))
+    elif args.command == "export":
+        from codeling.export.command import run_export
+
+        return run_export(args)
     elif args.command == "serve":
         from codeling.serve.command import run_serve
 

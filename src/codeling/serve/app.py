@@ -21,11 +21,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -572,7 +574,26 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *,
     async def completions(request: Request) -> Any:
         return await _completions(server, request)
 
+    _mount_web_chat(app)
     return app
+
+
+# -- the web chat page ---------------------------------------------------------------------------
+
+WEB_CHAT_DIR = Path(__file__).parent / "static"
+# The page loads only its own files, so a CSP of 'self' keeps it working offline and blocks any
+# injected inline script.
+WEB_CHAT_CSP = "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'"
+
+
+def _mount_web_chat(app: FastAPI) -> None:
+    """Serve the chat page at `/` and its files under `/static`, both without the API key."""
+    app.mount("/static", StaticFiles(directory=WEB_CHAT_DIR), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def web_chat() -> FileResponse:
+        return FileResponse(WEB_CHAT_DIR / "index.html",
+                            headers={"Content-Security-Policy": WEB_CHAT_CSP})
 
 
 def _authorizer(server: _Server) -> Callable[[Request], Any]:
