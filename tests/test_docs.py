@@ -1,9 +1,9 @@
 """Checks on the documentation: generated reference pages, runnable command blocks, links.
 
 A command block is runnable when the line `<!-- runnable -->` comes right before its ```bash
-fence. The runnable blocks of one page run in order, in one fresh directory that holds a copy
-of `configs/`, so a later block can use what an earlier one wrote, as it would for a reader who
-runs them from the repository root.
+fence. The runnable blocks of one page run in order in one fresh directory, so a later block
+can use what an earlier one wrote. The directory contains a copy of `configs/`, so paths work as
+they do for a reader in the repository root.
 """
 
 from __future__ import annotations

@@ -112,6 +112,7 @@ def test_hf_export_matches_codeling(name, tmp_path, tokenizer_dir):
     with torch.no_grad():
         expected = model(tokens)
         got = theirs(tokens).logits
+    print(f"{name}: max abs logit difference {(got - expected).abs().max().item():.2e}")
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
     with torch.no_grad():
