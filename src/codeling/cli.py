@@ -12,6 +12,7 @@ from pathlib import Path
 
 from codeling.errors import CodelingError
 from codeling.export.command import add_export_parser
+from codeling.quantize_command import add_quantize_parser
 from codeling.serve.command import add_serve_parser
 
 
@@ -179,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_report(commands)
     add_serve_parser(commands)
     add_export_parser(commands)
+    add_quantize_parser(commands)
     return parser
 
 
@@ -224,6 +226,10 @@ def _run(args: argparse.Namespace) -> int:
         from codeling.evaluation.suite import report_command
 
         report_command(Path(args.run_dir))
+    elif args.command == "quantize":
+        from codeling.quantize_command import run_quantize
+
+        return run_quantize(args)
     elif args.command == "export":
         from codeling.export.command import run_export
 

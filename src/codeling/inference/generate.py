@@ -11,6 +11,7 @@ import torch
 from codeling.errors import CodelingError
 from codeling.inference.sampling import sample_next
 from codeling.models.decoder import CodeModel
+from codeling.quantize import load_model_from_checkpoint
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
 from codeling.training import checkpoint as ckpt
 from codeling.training.device import autocast, resolve_device, use_bf16
@@ -70,8 +71,7 @@ class Generator:
         tokenizer = Tokenizer.load(loaded.tokenizer_path)
         ckpt.check_tokenizer(loaded.meta, loaded.path, tokenizer.fingerprint,
                              str(loaded.tokenizer_path))
-        model = CodeModel(loaded.config.model)
-        ckpt.load_weights(model, loaded.path)
+        model = load_model_from_checkpoint(loaded)  # plain or int8-quantized weights
         target = resolve_device(device)
         return cls(model.to(target), tokenizer, target, decode_in_bf16(precision, target))
 

@@ -3,6 +3,12 @@
 `run_training(config, resume)` is what `codeling train` runs. It checks every input before it
 writes anything, so a bad source, a clash with an existing run, or a mismatched checkpoint
 stops the run with nothing overwritten.
+
+Under torchrun (`torchrun --nproc_per_node N -m codeling train ...`) it trains data-parallel:
+rank 0 trains the tokenizer and prepares the data first, the other ranks then load them, and
+each rank takes `train.batch_size` samples of a global batch of batch_size * N. The loader
+rejects a resume that changes the global batch, so to resume under another number of
+processes, set `train.batch_size` to keep batch_size * N the same.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from codeling.errors import CheckpointError, CodelingError, SourceUnreachableErr
 from codeling.models.decoder import CodeModel
 from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from codeling.training import checkpoint as ckpt
+from codeling.training import distributed
 from codeling.training.device import resolve_device, use_bf16
 from codeling.training.trainer import Trainer, TrainResult, ValidationSplit
 
@@ -150,7 +157,9 @@ def mixture_weights(config: RunConfig, data: PreparedData) -> list[float]:
     return shares
 
 
-def build_loaders(config: RunConfig, data: PreparedData) -> tuple[PackedLoader, list[ValidationSplit]]:
+def build_loaders(config: RunConfig, data: PreparedData, rank: int = 0,
+                  world_size: int = 1) -> tuple[PackedLoader, list[ValidationSplit]]:
+    """Build the training loader for one rank of `world_size` and the validation splits."""
     train = config.train
     usable = [i for i, n in enumerate(data.train_tokens) if n > train.seq_len]
     if not usable:
@@ -158,7 +167,8 @@ def build_loaders(config: RunConfig, data: PreparedData) -> tuple[PackedLoader, 
                             "tokens; add data or lower train.seq_len")
     weights = mixture_weights(config, data)
     loader = PackedLoader([data.train[i] for i in usable], weights=[weights[i] for i in usable],
-                          batch_size=train.batch_size, seq_len=train.seq_len, seed=train.seed)
+                          batch_size=train.batch_size, seq_len=train.seq_len, seed=train.seed,
+                          rank=rank, world_size=world_size)
     splits = []
     for name, tokens, ratio in zip(data.names, data.val, data.val_bytes_per_token):
         if len(tokens) <= train.seq_len:
@@ -187,7 +197,8 @@ def build_model(config: RunConfig, tokenizer: Tokenizer) -> CodeModel:
     return CodeModel(model_config)
 
 
-def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16: bool) -> None:
+def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16: bool,
+                 world_size: int = 1) -> None:
     """Log parameter counts, FLOPs per token and every derived setting with its reason."""
     m, t = config.model, config.train
     log.info("model: %s, %d layers (%s), d_model %d, %d heads / %d kv heads, d_ff %d%s",
@@ -198,9 +209,9 @@ def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16
              model.num_parameters() / 1e6, model.num_parameters(exclude_embeddings=True) / 1e6)
     log.info("FLOPs per token (train, forward + backward): %.1fM at seq_len %d",
              model.flops_per_token(t.seq_len) / 1e6, t.seq_len)
-    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum
-    log.info("tokens per optimizer step: %d = batch %d x seq_len %d x grad_accum %d",
-             tokens_per_step, t.batch_size, t.seq_len, t.grad_accum)
+    tokens_per_step = t.batch_size * t.seq_len * t.grad_accum * world_size
+    log.info("tokens per optimizer step: %d = batch %d x seq_len %d x grad_accum %d x %d "
+             "processes", tokens_per_step, t.batch_size, t.seq_len, t.grad_accum, world_size)
     budget = [f"{t.max_steps} steps"]
     if t.max_tokens:
         budget.append(f"{t.max_tokens} tokens ({math.ceil(t.max_tokens / tokens_per_step)} steps)")
@@ -285,7 +296,14 @@ def mark_done(stage_dir: Path, result: TrainResult, used_sources: list[str]) -> 
 
 
 def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
-    """Run stage 0 if needed, prepare data, then train and checkpoint the model."""
+    """Run stage 0 if needed, prepare data, then train and checkpoint the model.
+
+    Under torchrun, every rank calls this; see the module docstring.
+    """
+    dist = distributed.init_distributed(resolve_device(config.train.device))
+    if not dist.is_main:
+        # Rank 0 reports the run; the other ranks log only warnings and errors.
+        logging.getLogger("codeling").setLevel(logging.WARNING)
     run_dir = config.resolved_run_dir()
     stage_dir = run_dir / config.stage
     checkpoint = check_resume(config, stage_dir, resume)
@@ -294,36 +312,45 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         raise CodelingError(f"data.replay_fraction is {config.data.replay_fraction} but "
                             "data.replay_sources is empty; name the sources to replay or set 0")
     check_sources(config.data.replay_sources)
-    if not (run_dir / "tokenizer" / "tokenizer.json").is_file() and not config.tokenizer.path:
-        config.tokenizer.sources = resolve_sources(config.tokenizer.sources,
-                                                   config.data.fallback_sources)
-    config.data.sources = resolve_sources(config.data.sources, config.data.fallback_sources)
+    if dist.is_main:
+        if not (run_dir / "tokenizer" / "tokenizer.json").is_file() and not config.tokenizer.path:
+            config.tokenizer.sources = resolve_sources(config.tokenizer.sources,
+                                                       config.data.fallback_sources)
+        config.data.sources = resolve_sources(config.data.sources, config.data.fallback_sources)
+    # Every rank uses rank 0's choice, so a hub that only one rank can reach changes nothing.
+    config.tokenizer.sources, config.data.sources = distributed.broadcast_object(
+        (config.tokenizer.sources, config.data.sources))
     log.info("stage %s: training on %s", config.stage, ", ".join(config.data.sources))
-    device = resolve_device(config.train.device)
+    device = dist.device
     bf16 = use_bf16(config.train.precision, device)
     torch.manual_seed(config.train.seed)
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = ensure_tokenizer(config, run_dir)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = distributed.main_first(lambda: ensure_tokenizer(config, run_dir),
+                                       "training or loading the tokenizer")
     if checkpoint is not None:
         loaded = ckpt.read_checkpoint_config(checkpoint)
         ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint,
                              f"{run_dir / 'tokenizer'}")
-    data = ensure_data(config, run_dir, tokenizer)
+    data = distributed.main_first(lambda: ensure_data(config, run_dir, tokenizer),
+                                  "preparing the data shards")
     model = build_model(config, tokenizer).to(device)
-    loader, val_splits = build_loaders(config, data)
+    loader, val_splits = build_loaders(config, data, dist.rank, dist.world_size)
     trainer = Trainer(model, config, loader, val_splits, stage_dir, run_dir / "tokenizer",
-                      tokenizer.fingerprint, device, bf16)
+                      tokenizer.fingerprint, device, bf16, dist=dist)
     if checkpoint is not None:
         restore(trainer, model, checkpoint, tokenizer, config)
     elif init_checkpoint is not None:
         initialize_from(model, init_checkpoint, tokenizer)
-    save_config(config, run_dir / "config.yaml")
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, stage_dir / "config.yaml")
-    describe_run(config, model, device, bf16)
+    if dist.is_main:
+        save_config(config, run_dir / "config.yaml")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, stage_dir / "config.yaml")
+    describe_run(config, model, device, bf16, dist.world_size)
     log.debug("resolved config: %s", config_to_dict(config))
     result = trainer.fit()
-    if result.stop_reason not in ("interrupted", "SIGTERM", "stop_at_step"):
+    if dist.is_main and result.stop_reason not in ("interrupted", "SIGTERM", "stop_at_step"):
         mark_done(stage_dir, result, config.data.sources)
+    distributed.barrier()
     return result

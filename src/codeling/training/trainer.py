@@ -4,6 +4,10 @@
 It logs one line every `log_every` steps, appends every record to `metrics.jsonl`, evaluates
 on each validation split, saves checkpoints atomically, and on Ctrl-C or SIGTERM saves a last
 checkpoint before it stops, so `--resume` loses nothing.
+
+Under torchrun each rank runs the same loop on its share of every global batch, with the
+model wrapped in DistributedDataParallel. Only rank 0 logs, writes metrics and plots, and
+saves checkpoints; the other ranks wait at a barrier after each save.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import logging
 import math
 import random
+import contextlib
 import signal
 import sys
 import time
@@ -24,6 +29,8 @@ import torch
 
 from codeling.config import RunConfig
 from codeling.training import checkpoint as ckpt
+from codeling.training import distributed
+from codeling.training.distributed import DistInfo
 from codeling.training.device import autocast, peak_flops
 from codeling.training.optim import build_optimizer, lr_at
 
@@ -80,12 +87,19 @@ class _StopRequest:
 
 
 class Trainer:
-    """Owns the optimizer and the loop for one stage of a run."""
+    """Owns the optimizer and the loop for one stage of a run.
+
+    `dist` places this process in a data-parallel job (default: a single process). The
+    loader must already be built for the same rank and world size.
+    """
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, train_loader, val_splits:
                  list[ValidationSplit], stage_dir: Path, tokenizer_dir: Path,
-                 tokenizer_fingerprint: str, device: torch.device, bf16: bool):
-        self.model = model
+                 tokenizer_fingerprint: str, device: torch.device, bf16: bool,
+                 dist: DistInfo | None = None):
+        self.model = model  # unwrapped: checkpoints and model methods use it
+        self.dist = dist or DistInfo(device=device)
+        self.ddp_model = distributed.wrap_model(model, self.dist)  # forward and backward
         self.config = config
         self.train = config.train
         self.loader = train_loader
@@ -99,7 +113,8 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
-        self.tokens_per_step = self.train.batch_size * self.train.seq_len * self.train.grad_accum
+        self.tokens_per_step = (self.train.batch_size * self.train.seq_len
+                                * self.train.grad_accum * self.dist.world_size)
         self.total_steps = self._total_steps()
         # Compiling forward and loss together lets the compiler fuse the cross-entropy too.
         self.loss_fn = torch.compile(self._train_loss) if self.train.compile else self._train_loss
@@ -115,6 +130,7 @@ class Trainer:
     # -- state ----------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
+        """Return the step counters, optimizer, global loader position and this rank's RNG."""
         return {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
@@ -131,10 +147,19 @@ class Trainer:
         random.setstate(state["rng"]["python"])
 
     def save(self) -> Path:
-        path = ckpt.save_checkpoint(self.stage_dir, self.step, self.model, self.config,
-                                    self.state_dict(), self.tokenizer_dir,
-                                    self.tokenizer_fingerprint, keep=self.train.keep_checkpoints)
-        log.info("saved checkpoint %s", path)
+        """Write a checkpoint on rank 0, wait for it on every rank, and return its path.
+
+        The weights, optimizer and loader state are the same on every rank, so rank 0's copy
+        is the whole checkpoint. The RNG state saved is rank 0's.
+        """
+        path = self.stage_dir / "checkpoints" / ckpt.checkpoint_name(self.step)
+        if self.dist.is_main:
+            path = ckpt.save_checkpoint(self.stage_dir, self.step, self.model, self.config,
+                                        self.state_dict(), self.tokenizer_dir,
+                                        self.tokenizer_fingerprint,
+                                        keep=self.train.keep_checkpoints)
+            log.info("saved checkpoint %s", path)
+        distributed.barrier()
         return path
 
     # -- loop -----------------------------------------------------------------------------------
@@ -153,30 +178,43 @@ class Trainer:
             return "time budget"
         return ""
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+              model: torch.nn.Module | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy in nats, with logits upcast to fp32."""
         with autocast(self.device, self.bf16):
-            logits = self.model(inputs)  # (B, T, V)
+            logits = (model or self.model)(inputs)  # (B, T, V)
         return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
                                                  targets.view(-1))
 
     def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (objective, language-model loss): the objective adds MoE balancing losses."""
-        loss = self._loss(inputs, targets)
+        loss = self._loss(inputs, targets, self.ddp_model)
         auxiliary = self.model.auxiliary_loss() if self.has_moe else torch.zeros_like(loss)
         return loss + auxiliary, loss
 
+    def _sync_context(self, micro_step: int) -> contextlib.AbstractContextManager:
+        """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
+        if self.dist.enabled and micro_step < self.train.grad_accum - 1:
+            return self.ddp_model.no_sync()
+        return contextlib.nullcontext()
+
     def train_step(self) -> tuple[float, float]:
-        """Run one optimizer step over grad_accum micro-batches; return (loss, grad norm)."""
+        """Run one optimizer step over grad_accum micro-batches; return (loss, grad norm).
+
+        Under DDP the loss is the mean over all ranks, and the grad norm is taken after DDP's
+        all-reduce, so both describe the global batch.
+        """
         lr = lr_at(self.step, self.progress(), self.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total_loss = 0.0
-        for _ in range(self.train.grad_accum):
+        for micro_step in range(self.train.grad_accum):
             inputs, targets = next(self.loader)
-            objective, loss = self.loss_fn(inputs.to(self.device), targets.to(self.device))
-            (objective / self.train.grad_accum).backward()
+            with self._sync_context(micro_step):
+                objective, loss = self.loss_fn(inputs.to(self.device), targets.to(self.device))
+                (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
+        total_loss = distributed.all_reduce_mean(total_loss)
         if self.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         else:
@@ -191,15 +229,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
-        """Return mean validation loss (nats/token) and bits per byte for each split."""
+        """Return mean validation loss (nats/token) and bits per byte for each split.
+
+        The mean is over batches. Under DDP rank r evaluates batches r, r + world_size, ...
+        and the sums are all-reduced, so every rank returns the same result. Call it on
+        every rank.
+        """
         self.model.eval()
         results = {}
         for split in self.val_splits:
-            losses = []
-            for inputs, targets in split.batches():
-                losses.append(self._loss(inputs.to(self.device), targets.to(self.device)).item())
-            if losses:
-                mean = sum(losses) / len(losses)
+            loss_sum, batch_count = 0.0, 0
+            for index, (inputs, targets) in enumerate(split.batches()):
+                if index % self.dist.world_size != self.dist.rank:
+                    continue
+                loss_sum += self._loss(inputs.to(self.device), targets.to(self.device)).item()
+                batch_count += 1
+            loss_sum, batch_count = distributed.all_reduce([loss_sum, batch_count])
+            if batch_count:
+                mean = loss_sum / batch_count
                 results[split.name] = {
                     "loss": mean, "bits_per_byte": mean / math.log(2) / split.bytes_per_token}
         self.model.train()
@@ -207,13 +254,15 @@ class Trainer:
 
     def trim_metrics(self) -> None:
         """Drop metrics logged after the current step, left by a run killed before its checkpoint."""
-        if not self.metrics_path.is_file():
+        if not self.dist.is_main or not self.metrics_path.is_file():
             return
         lines = self.metrics_path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= self.step]
         self.metrics_path.write_text("".join(line + "\n" for line in kept))
 
     def _write_metrics(self, record: dict) -> None:
+        if not self.dist.is_main:
+            return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
 
@@ -226,11 +275,14 @@ class Trainer:
         self.stage_dir.mkdir(parents=True, exist_ok=True)
         flops_per_token = self.model.flops_per_token(self.train.seq_len)
         peak, peak_source = peak_flops(self.device, self.bf16)
-        log.info("MFU is measured against %.1f TFLOP/s (%s)", peak / 1e12, peak_source)
+        if self.dist.is_main:
+            log.info("MFU is measured against %.1f TFLOP/s per device (%s)", peak / 1e12,
+                     peak_source)
+        peak *= self.dist.world_size  # the token rate below counts the global batch
         self.model.train()
         window_start, window_tokens = time.perf_counter(), 0
         loss, stop_reason, val = float("nan"), "", {}
-        bar = _progress_bar(self.total_steps, self.step)
+        bar = _progress_bar(self.total_steps, self.step) if self.dist.is_main else None
         with _StopRequest() as stop:
             try:
                 while not (stop_reason := self._stop_reason()):
@@ -248,12 +300,15 @@ class Trainer:
                     if self.step % self.train.log_every == 0 or self.step == 1:
                         now = time.perf_counter()
                         rate = window_tokens / max(now - window_start, 1e-9)
-                        self._log_step(loss, norm, rate, rate * flops_per_token / peak)
+                        if self.dist.is_main:
+                            self._log_step(loss, norm, rate, rate * flops_per_token / peak)
                         window_start, window_tokens = now, 0
                     if self.train.eval_every and self.step % self.train.eval_every == 0:
                         val = self._run_eval()
                     if self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0:
                         self.save()
+                    if self.dist.enabled:
+                        self._sync_stop_state(stop)
                     if stop.requested:
                         stop_reason = "SIGTERM"
                         break
@@ -261,6 +316,9 @@ class Trainer:
                         stop_reason = "stop_at_step"
                         break
             except KeyboardInterrupt:
+                # NOTE: under DDP a Ctrl-C that reaches the ranks at different steps can leave
+                # one rank waiting in a collective. SIGTERM is all-reduced at every step, so
+                # all ranks stop at the same step.
                 stop_reason = "interrupted"
             finally:
                 if bar is not None:
@@ -274,13 +332,26 @@ class Trainer:
                              "stop_reason": stop_reason})
         if interrupted:
             log.info("resume with the same command plus --resume")
-        plot_losses(self.metrics_path, self.stage_dir / "loss.png")
+        if self.dist.is_main:
+            plot_losses(self.metrics_path, self.stage_dir / "loss.png")
         return TrainResult(self.step, self.tokens, self.elapsed, loss, val, stop_reason, path)
+
+    def _sync_stop_state(self, stop: _StopRequest) -> None:
+        """Make every rank take the same stop and schedule decisions.
+
+        A SIGTERM seen by any rank stops all of them at the same step, and every rank uses the
+        largest elapsed time, which the time budget and the learning-rate schedule depend on.
+        """
+        elapsed, requested = distributed.all_reduce([self.elapsed, float(stop.requested)], "max")
+        self.elapsed = elapsed
+        stop.requested = requested > 0
 
     def _run_eval(self) -> dict[str, dict[str, float]]:
         start = time.perf_counter()
         val = self.evaluate()
         for name, values in val.items():
+            if not self.dist.is_main:
+                break
             log.info("step %d | val %s | loss %.4f | %.3f bits/byte", self.step, name,
                      values["loss"], values["bits_per_byte"])
             self._write_metrics({"step": self.step, "split": name, "val_loss": values["loss"],
