@@ -83,11 +83,14 @@ def _stage_rows(run_dir: Path) -> list[str]:
         last_step = max(evaluated) if evaluated else None
         val = "; ".join(f"{r['split']} {r['val_loss']:.3f} / {r['val_bits_per_byte']:.3f}"
                         for r in records if "val_loss" in r and r["step"] == last_step)
-        done = run_dir / stage / "done.json"
-        sources = ", ".join(json.loads(done.read_text())["sources"]) if done.is_file() else "-"
-        rows.append(f"| {stage} | {sources} | {steps[-1]['step']} | "
-                    f"{steps[-1]['tokens'] / 1e6:.2f}M | {steps[-1]['elapsed'] / 60:.1f} min | "
-                    f"{steps[-1]['loss']:.3f} | {val or '-'} |")
+        done_file = run_dir / stage / "done.json"
+        done = json.loads(done_file.read_text()) if done_file.is_file() else {}
+        sources = ", ".join(done.get("sources", [])) or "-"
+        step = done.get("step", steps[-1]["step"])
+        tokens = done.get("tokens", steps[-1]["tokens"])
+        rows.append(f"| {stage} | {sources} | {step} | {tokens / 1e6:.2f}M | "
+                    f"{steps[-1]['elapsed'] / 60:.1f} min | {steps[-1]['loss']:.3f} | "
+                    f"{val or '-'} |")
     return rows
 
 
@@ -147,8 +150,9 @@ def write_report(run_dir: Path) -> Path:
     rows = _stage_rows(run_dir)
     if rows:
         lines += ["## Stages", "",
-                  "| stage | data | steps | tokens | time | final train loss | "
-                  "validation loss / bits per byte |", "|---|---|---|---|---|---|---|"]
+                  "| stage | data | steps | tokens | time | last logged train loss | "
+                  "last validation during training (first eval_batches of each split): "
+                  "loss / bits per byte |", "|---|---|---|---|---|---|---|"]
         lines += rows + [""]
         for stage in TRAINING_STAGES:
             if (run_dir / stage / "loss.png").is_file():
