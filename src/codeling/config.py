@@ -137,7 +137,7 @@ class TokenizerConfig:
 
 @dataclass
 class DataConfig:
-    """Where training text comes from and how it is split."""
+    """Training data: the sources, their mixture and the validation split."""
 
     sources: list[str] = option(
         ["python-stdlib", "shell-scripts"],

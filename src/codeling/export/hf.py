@@ -36,7 +36,7 @@ def load_checkpoint_model(checkpoint_path: str | Path) -> tuple[CodeModel, Token
     loaded = ckpt.read_checkpoint_config(ckpt.resolve_checkpoint(checkpoint_path))
     if loaded.meta.get("quantization"):
         source = loaded.meta.get("source_checkpoint", "the fp32 checkpoint it was made from")
-        raise CodelingError(f"{loaded.path} holds {loaded.meta['quantization']} weights, which "
+        raise CodelingError(f"{loaded.path} contains {loaded.meta['quantization']} weights, which "
                             f"export does not take; export {source} instead")
     tokenizer = Tokenizer.load(loaded.tokenizer_path)
     ckpt.check_tokenizer(loaded.meta, loaded.path, tokenizer.fingerprint,

@@ -75,18 +75,23 @@ class Generator:
         target = resolve_device(device)
         return cls(model.to(target), tokenizer, target, decode_in_bf16(precision, target))
 
-    def stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:
-        """Yield the completion piece by piece; stop at max tokens, eos or a stop string."""
+    def _prepare(self, prompt: str, config: GenerationConfig
+                 ) -> tuple[list[int], int, torch.Generator | None]:
+        """Validate settings and prompt; return prompt ids, the new-token limit and the RNG."""
         config.validate()
         ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
         limit = self.model.config.max_seq_len
         if len(ids) >= limit:
             raise CodelingError(f"prompt is {len(ids)} tokens but the model's context is {limit}; "
                                 "shorten the prompt")
-        max_new = min(config.max_new_tokens, limit - len(ids))
         generator = None
         if config.seed is not None:
             generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        return ids, min(config.max_new_tokens, limit - len(ids)), generator
+
+    def stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:
+        """Yield the completion piece by piece; stop at max tokens, eos or a stop string."""
+        ids, max_new, generator = self._prepare(prompt, config)
         yield from self._decode(ids, max_new, config, generator)
 
     @torch.inference_mode()
@@ -138,18 +143,9 @@ class Generator:
         size n serves them. A row that reaches eos or a stop string is done, and the batch
         stops when every row is done or max_new_tokens is reached.
         """
-        config.validate()
         if n < 1:
             raise CodelingError(f"number of samples must be at least 1, got {n}")
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.bos_id]
-        limit = self.model.config.max_seq_len
-        if len(ids) >= limit:
-            raise CodelingError(f"prompt is {len(ids)} tokens but the model's context is {limit}; "
-                                "shorten the prompt")
-        max_new = min(config.max_new_tokens, limit - len(ids))
-        generator = None
-        if config.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        ids, max_new, generator = self._prepare(prompt, config)
         cache = self.model.new_cache(n, len(ids) + max_new)
         tokens = torch.tensor([ids] * n, device=self.device)  # (n, T)
         rows: list[list[int]] = [[] for _ in range(n)]

@@ -68,7 +68,7 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         if length == 1:
             return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        # Chunked prefill after earlier tokens: query i sees cache positions <= pos + i.
+        # Chunked prefill after earlier tokens: query i attends to cache positions <= pos + i.
         query_pos = torch.arange(pos, pos + length, device=q.device)[:, None]
         key_pos = torch.arange(total, device=q.device)[None, :]
         mask = key_pos <= query_pos  # (T, S)
