@@ -1,8 +1,8 @@
 """Typed run configuration: dataclasses, YAML loading, `--set` overrides and validation.
 
 A run config has four sections, one dataclass each: `model`, `tokenizer`, `data` and `train`,
-plus top-level `name` and `run_dir`. Every field carries its help text, and validation rules
-(`min`, `max`, `choices`) in its metadata; `load_config` collects every problem in a file and
+plus top-level `name` and `run_dir`. Every field carries its help text and its validation rules
+(`min`, `max`, `choices`) in its metadata. `load_config` collects every problem in a file and
 raises them together as one `ConfigError`.
 """
 

@@ -26,7 +26,7 @@ class KVCache:
         """Store k, v (B, K, T, E) at positions pos.. and return all cached (B, K, S, E)."""
         end = pos + k.shape[2]
         if end > self.max_len:
-            raise ValueError(f"cache holds {self.max_len} positions but {end} were requested; "
+            raise ValueError(f"cache has room for {self.max_len} positions but {end} were requested; "
                              "create the cache with a larger max_len")
         self.keys[:, :, pos:end] = k.to(self.keys.dtype)
         self.values[:, :, pos:end] = v.to(self.values.dtype)
