@@ -24,13 +24,13 @@ import pytest
 import torch
 import uvicorn
 
+from codeling import chat
 from codeling.config import ModelConfig, config_from_dict
 from codeling.inference.engine import (BatchedDecoder, Engine, EngineOverloadedError,
                                        PromptTooLongError, SamplingParams, Sequence,
                                        SequentialDecoder)
 from codeling.models.decoder import CodeModel
 from codeling.serve.app import create_app
-from codeling.serve.chat_format import ChatFormatError, render_chat
 from codeling.serve.command import add_serve_parser
 from codeling.training.checkpoint import save_checkpoint
 
@@ -110,31 +110,6 @@ def wait_until(condition, seconds: float) -> bool:
             return False
         time.sleep(0.02)
     return True
-
-
-# -- chat format --------------------------------------------------------------------------------
-
-
-def test_render_chat_layout(small_tokenizer):
-    tok = small_tokenizer
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": [{"type": "text", "text": "<|eos|>hi"}]}]
-    ids = render_chat(messages, tok)
-    expected = ([tok.bos_id, tok.token_id("<|system|>"), *tok.encode("Be brief."),
-                 tok.token_id("<|end_turn|>"), tok.token_id("<|user|>"),
-                 *tok.encode("<|eos|>hi"), tok.token_id("<|end_turn|>"),
-                 tok.token_id("<|assistant|>")])
-    assert ids == expected
-    assert tok.eos_id not in ids  # a special-token string in text stays text
-
-
-def test_render_chat_rejects_bad_messages(small_tokenizer):
-    with pytest.raises(ChatFormatError, match="role 'robot'"):
-        render_chat([{"role": "robot", "content": "x"}], small_tokenizer)
-    with pytest.raises(ChatFormatError, match="image_url"):
-        render_chat([{"role": "user", "content": [{"type": "image_url"}]}], small_tokenizer)
-    with pytest.raises(ChatFormatError, match="empty"):
-        render_chat([], small_tokenizer)
 
 
 # -- engine -------------------------------------------------------------------------------------
@@ -241,7 +216,7 @@ def test_chat_completion_fields(client, small_tokenizer):
     assert choice.message.role == "assistant"
     assert isinstance(choice.message.content, str)
     assert choice.finish_reason in ("stop", "length")
-    assert response.usage.prompt_tokens == len(render_chat(CHAT, small_tokenizer))
+    assert response.usage.prompt_tokens == len(chat.render(CHAT, small_tokenizer))
     assert 1 <= response.usage.completion_tokens <= 8
     assert response.usage.total_tokens == (response.usage.prompt_tokens
                                            + response.usage.completion_tokens)

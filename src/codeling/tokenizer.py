@@ -6,8 +6,14 @@ Special tokens get ids 0..15 in the order of `SPECIAL_TOKENS`.
 Special token strings that appear in input text, such as a literal "<|eos|>"
 inside a source file, are encoded as ordinary text and never as the special id.
 Code that builds prompts or training sequences inserts special tokens by id
-(`token_id`, `bos_id`, `eos_id`). The saved `tokenizer_config.json` sets
-`split_special_tokens` so that `transformers` encodes the same way.
+(`token_id`, `bos_id`, `eos_id`).
+
+The saved `tokenizer_config.json` carries the chat template (`codeling.chat.CHAT_TEMPLATE`).
+It leaves `split_special_tokens` off, as chat models on the Hugging Face hub do, because
+`apply_chat_template` and serving runtimes render the template to text and rely on the
+tokenizer to turn the special-token strings in it into their ids. So `transformers` encodes
+text without special-token strings exactly as `encode` does; for text that contains them, pass
+`split_special_tokens=True` to get codeling's ids.
 """
 
 from __future__ import annotations
@@ -180,6 +186,7 @@ class Tokenizer:
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json to directory."""
+        from codeling.chat import CHAT_TEMPLATE  # chat imports this module
         out_dir = Path(directory)
         out_dir.mkdir(parents=True, exist_ok=True)
         special_map = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
@@ -189,8 +196,9 @@ class Tokenizer:
             "additional_special_tokens": [
                 name for name in SPECIAL_TOKENS if name not in special_map.values()
             ],
-            # Encode special token strings found in text as ordinary text, as `encode` does.
-            "split_special_tokens": True,
+            # Off, so that a rendered chat template gets its special tokens (see the module notes).
+            "split_special_tokens": False,
+            "chat_template": CHAT_TEMPLATE,
             "add_bos_token": False,
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,

@@ -36,7 +36,7 @@ from codeling.inference.engine import (FINISH_CANCELLED, FINISH_ERROR, Engine, E
                                        EngineOverloadedError, EngineStoppedError, Event,
                                        Finished, PromptTooLongError, RequestHandle,
                                        SamplingParams, TextDelta)
-from codeling.serve.chat_format import ChatFormatError, render_chat
+from codeling.chat import ChatFormatError, render as render_chat
 
 log = logging.getLogger(__name__)
 
