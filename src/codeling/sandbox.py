@@ -1,9 +1,10 @@
 """Run untrusted generated code in a throwaway, resource-limited subprocess.
 
-Each run gets a fresh temporary working directory (deleted afterwards) and a minimal
-environment: PATH, LANG, LC_ALL, and HOME and TMPDIR pointing at the working directory, plus
-any variables the caller passes in `env`. Nothing else from the parent's environment reaches
-the child, so API keys and tokens stay out of reach.
+Each run gets a fresh temporary working directory (deleted afterwards), or an existing one
+that the caller names and keeps. It also gets a minimal environment: PATH, LANG, LC_ALL, and
+HOME and TMPDIR pointing at the working directory, plus any variables the caller passes in
+`env`. Nothing else from the parent's environment reaches the child, so API keys and tokens
+stay out of reach.
 
 A small launcher (a second Python interpreter started with `-I -S`, so no `preexec_fn` runs in
 a possibly multi-threaded parent) applies the isolation and then executes the program:
@@ -378,7 +379,8 @@ def run(argv: Sequence[str], stdin: str | bytes | None = None, timeout: float = 
         memory_mb: int = DEFAULT_MEMORY_MB, max_processes: int = DEFAULT_MAX_PROCESSES,
         files: Mapping[str, str | bytes] | None = None,
         max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES, env: Mapping[str, str] | None = None,
-        max_file_mb: int = DEFAULT_MAX_FILE_MB) -> SandboxResult:
+        max_file_mb: int = DEFAULT_MAX_FILE_MB,
+        workdir: str | Path | None = None) -> SandboxResult:
     """Run a command in a fresh temporary directory under the sandbox's limits.
 
     `argv[0]` is looked up on the sandbox's PATH (/usr/local/bin:/usr/bin:/bin) unless it is a
@@ -387,20 +389,48 @@ def run(argv: Sequence[str], stdin: str | bytes | None = None, timeout: float = 
     limits the address space of each process. `max_processes` bounds processes and threads
     together. `max_file_mb` limits the size of each written file. Each of stdout and stderr
     keeps its first `max_output_bytes` bytes.
+
+    `workdir` names an existing directory to run in instead of a fresh one. The program can
+    change files there, the directory is kept afterwards, and every other isolation step
+    stays the same.
     """
     _check_limits(argv, timeout, memory_mb, max_processes, max_output_bytes, max_file_mb)
-    workdir = tempfile.mkdtemp(prefix="codeling-sandbox-")
+    if workdir is not None:
+        existing = _existing_workdir(workdir)
+        _write_files(Path(existing), files or {})
+        return _run_in(argv, existing, stdin, timeout, memory_mb, max_processes,
+                       max_output_bytes, env, max_file_mb)
+    fresh = tempfile.mkdtemp(prefix="codeling-sandbox-")
     try:
-        _write_files(Path(workdir), files or {})
-        cgroup = _PidsCgroup.create()
-        try:
-            return _execute(list(argv), workdir, stdin, timeout, memory_mb, max_processes,
-                            max_output_bytes, env or {}, max_file_mb, cgroup)
-        finally:
-            if cgroup is not None:
-                cgroup.remove()
+        _write_files(Path(fresh), files or {})
+        return _run_in(argv, fresh, stdin, timeout, memory_mb, max_processes, max_output_bytes,
+                       env, max_file_mb)
     finally:
-        _remove_workdir(workdir)
+        _remove_workdir(fresh)
+
+
+def _run_in(argv: Sequence[str], workdir: str, stdin: str | bytes | None, timeout: float,
+            memory_mb: int, max_processes: int, max_output_bytes: int,
+            env: Mapping[str, str] | None, max_file_mb: int) -> SandboxResult:
+    cgroup = _PidsCgroup.create()
+    try:
+        return _execute(list(argv), workdir, stdin, timeout, memory_mb, max_processes,
+                        max_output_bytes, env or {}, max_file_mb, cgroup)
+    finally:
+        if cgroup is not None:
+            cgroup.remove()
+
+
+def _existing_workdir(workdir: str | Path) -> str:
+    """Return the absolute, symlink-free path of an existing directory, or raise."""
+    resolved = Path(workdir).resolve()
+    if not resolved.is_dir():
+        raise CodelingError(f"sandbox working directory {str(workdir)!r} does not exist or is "
+                            "not a directory; create it first")
+    if resolved == Path(resolved.anchor):
+        raise CodelingError("the sandbox working directory cannot be the root directory '/', "
+                            "because it stays writable; pass a subdirectory")
+    return str(resolved)
 
 
 @functools.lru_cache(maxsize=1)
