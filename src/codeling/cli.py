@@ -142,16 +142,22 @@ def _add_pipeline(commands: argparse._SubParsersAction) -> None:
 
 def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser = commands.add_parser("eval", help="evaluate a checkpoint: bits per byte, syntax "
-                                 "validity, HumanEval; writes report.md for a run")
+                                 "validity, HumanEval, tool calling; writes report.md for a run")
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run directory, stage directory or checkpoint directory")
     parser.add_argument("--suite", default="bpb,syntax,humaneval",
-                        help="comma-separated suites: bpb, syntax, humaneval "
+                        help="comma-separated suites: bpb, syntax, humaneval, tools "
                         "(default: bpb,syntax,humaneval)")
     parser.add_argument("--humaneval-samples", type=int, default=10,
                         help="completions sampled per HumanEval problem (default: 10)")
     parser.add_argument("--humaneval-limit", type=int, default=0,
                         help="evaluate only the first N HumanEval problems; 0 = all 164")
+    parser.add_argument("--tools-limit", type=int, default=100,
+                        help="held-out conversations scored per tools split; 0 = all "
+                        "(default: 100)")
+    parser.add_argument("--tools-data", default="",
+                        help="folder with test_seen.jsonl and test_unseen.jsonl (default: the "
+                        "run's data/tool-conversations)")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="tokens generated at most per completion (default: 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

@@ -5,6 +5,8 @@ Suites:
     syntax     share of sampled Python completions that `ast.parse` accepts and of Bash
                completions that `bash -n` accepts
     humaneval  pass@1 and pass@10 on HumanEval, completions executed in `codeling.sandbox`
+    tools      function calling on the run's held-out tool conversations (see
+               `codeling.evaluation.tools`), with and without constrained decoding
 
 The report card `report.md` has one row per training stage (its budget and final validation
 losses), links each stage's loss plot, and lists the suites' results for the final checkpoint.
@@ -27,7 +29,10 @@ from codeling.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-SUITES = ["bpb", "syntax", "humaneval"]
+SUITES = ["bpb", "syntax", "humaneval", "tools"]
+# Suites that need a model tuned for chat; earlier stages are not scored on them.
+CHAT_SUITES = ("tools",)
+CHAT_STAGES = ("tools", "rlhf")
 TRAINING_STAGES = ("language", "code", "tools", "rlhf", "train", "quickstart")
 
 SYNTAX_PROMPTS = [
@@ -44,8 +49,8 @@ SYNTAX_PROMPTS = [
 class EvalConfig:
     """Settings of the evaluation suites."""
 
-    suites: list[str] = option(list(SUITES), "suites to run: bpb, syntax, humaneval",
-                               choices=SUITES)
+    suites: list[str] = option(["bpb", "syntax", "humaneval"],
+                               "suites to run: bpb, syntax, humaneval, tools", choices=SUITES)
     humaneval_samples: int = option(10, "completions sampled per HumanEval problem; pass@10 "
                                     "needs at least 10", min=1)
     humaneval_limit: int = option(0, "evaluate only the first N HumanEval problems; 0 = all",
@@ -54,6 +59,10 @@ class EvalConfig:
     max_new_tokens: int = option(256, "tokens generated at most per completion", min=1)
     temperature: float = option(0.8, "sampling temperature for syntax and HumanEval", min=0.0)
     bpb_max_tokens: int = option(0, "held-out tokens scored per source for bpb; 0 = all", min=0)
+    tools_limit: int = option(100, "held-out conversations scored per tools split; 0 = all",
+                              min=0)
+    tools_data: str = option("", "folder with test_seen.jsonl and test_unseen.jsonl; empty = "
+                             "the run's data/tool-conversations")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
@@ -163,6 +172,10 @@ def write_report(run_dir: Path) -> Path:
             lines += _syntax_section(stage, result["syntax"])
         if "humaneval" in result:
             lines += _humaneval_section(stage, result["humaneval"])
+        if "tools" in result:
+            from codeling.evaluation.tools import report_section
+
+            lines += report_section(stage, result["tools"])
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -237,6 +250,13 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
         results["syntax"] = run_syntax(generator, config)
     if "humaneval" in config.suites:
         results["humaneval"] = run_humaneval(generator, config)
+    if "tools" in config.suites:
+        from codeling.data.chat_data import tool_dataset_dir
+        from codeling.evaluation.tools import evaluate_tool_calls
+
+        data_dir = Path(config.tools_data) if config.tools_data else tool_dataset_dir(run_dir)
+        results["tools"] = evaluate_tool_calls(generator, data_dir, limit=config.tools_limit,
+                                               max_new_tokens=min(config.max_new_tokens, 160))
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -278,6 +298,8 @@ def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
     for stage in stages:
         checkpoint = ckpt.latest_checkpoint(run_dir / stage)
         suites = config.suites if stage == stages[-1] else [s for s in config.suites if s == "bpb"]
+        if stage not in CHAT_STAGES:
+            suites = [s for s in suites if s not in CHAT_SUITES]
         if not suites:
             continue
         log.info("evaluating %s (%s): %s", stage, checkpoint, ", ".join(suites))
@@ -306,7 +328,8 @@ def eval_command(args) -> Path:
     suites = [name.strip() for name in args.suite.split(",") if name.strip()]
     config = build_eval_config({"suites": suites, "humaneval_samples": args.humaneval_samples,
                                 "humaneval_limit": args.humaneval_limit,
-                                "max_new_tokens": args.max_new_tokens, "device": args.device},
+                                "max_new_tokens": args.max_new_tokens, "device": args.device,
+                                "tools_limit": args.tools_limit, "tools_data": args.tools_data},
                                source="codeling eval")
     report, _ = evaluate_run(Path(args.checkpoint), config)
     print(report.read_text())

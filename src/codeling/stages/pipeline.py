@@ -30,6 +30,7 @@ import yaml
 
 from codeling.config import (RunConfig, apply_overrides, config_from_dict, config_to_dict,
                              load_yaml)
+from codeling.data import chat_data
 from codeling.errors import CodelingError, ConfigError
 from codeling.stages import pretrain
 from codeling.training import checkpoint as ckpt
@@ -37,8 +38,8 @@ from codeling.training import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 # Stages in the order they run. Training stages take a run config; the others do not.
-STAGE_ORDER = ("tokenizer", "data", "language", "code", "eval")
-TRAINING_STAGES = ("language", "code")
+STAGE_ORDER = ("tokenizer", "data", "language", "code", "tools", "eval")
+TRAINING_STAGES = ("language", "code", "tools")
 
 
 def deep_merge(base: dict, changes: dict) -> dict:
@@ -135,7 +136,8 @@ def _tokenizer_sources(plan: Plan) -> list[str]:
         return list(plan.base.tokenizer.sources)
     specs: list[str] = []
     for config in plan.configs.values():
-        specs += [s for s in config.data.sources if s not in specs]
+        specs += [s for s in config.data.sources
+                  if s not in specs and not chat_data.is_chat_source(s)]
     return specs
 
 
@@ -163,8 +165,15 @@ def run_data_stage(plan: Plan) -> None:
     tokenizer = pretrain.ensure_tokenizer(plan.base, plan.run_dir)
     for name, config in plan.configs.items():
         config = copy.deepcopy(config)
-        config.data.sources = pretrain.resolve_sources(config.data.sources,
-                                                       config.data.fallback_sources)
+        chat_specs = [s for s in config.data.sources if chat_data.is_chat_source(s)]
+        if chat_specs:
+            # Conversations are rendered when their stage starts; generate the synthetic set now.
+            if chat_data.TOOL_CONVERSATIONS in chat_specs:
+                chat_data.ensure_tool_dataset(plan.run_dir)
+            config.data.sources = []
+        else:
+            config.data.sources = pretrain.resolve_sources(config.data.sources,
+                                                           config.data.fallback_sources)
         _fill_replay(plan, name, config)
         pretrain.ensure_data(config, plan.run_dir, tokenizer)
 

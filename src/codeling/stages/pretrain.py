@@ -26,7 +26,10 @@ import torch
 from codeling.config import RunConfig, config_to_dict, save_config
 from codeling.data import shards, sources
 from codeling.data.loader import PackedLoader, iter_eval_batches
-from codeling.errors import CheckpointError, CodelingError, SourceUnreachableError
+from codeling.stages import finetune
+from codeling.errors import (CheckpointError, CodelingError, ConfigError,
+                             SourceUnreachableError)
+from codeling.models import lora
 from codeling.models.decoder import CodeModel
 from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from codeling.training import checkpoint as ckpt
@@ -254,8 +257,20 @@ def restore(trainer: Trainer, model: CodeModel, checkpoint: Path, tokenizer: Tok
         raise CheckpointError(f"checkpoint {checkpoint} has another model shape (model.{changed[0]}"
                               f" is {saved_model[changed[0]]!r} there); resume with the same "
                               "model settings")
-    ckpt.load_weights(model, checkpoint)
-    trainer.load_state_dict(ckpt.load_trainer_state(checkpoint))
+    state = ckpt.load_trainer_state(checkpoint)
+    if lora.has_lora(model):
+        # The checkpoint's weights have the adapters merged in; the model already holds the
+        # starting weights, so only the adapters are loaded.
+        if "lora" not in state:
+            raise CheckpointError(f"checkpoint {checkpoint} was trained without LoRA; resume "
+                                  "with train.lora_rank: 0")
+        lora.load_adapter_state_dict(model, state["lora"])
+    else:
+        if "lora" in state:
+            raise CheckpointError(f"checkpoint {checkpoint} was trained with LoRA adapters; "
+                                  "resume with the same train.lora_* settings")
+        ckpt.load_weights(model, checkpoint)
+    trainer.load_state_dict(state)
     trainer.trim_metrics()
     log.info("resumed from %s at step %d", checkpoint, trainer.step)
 
@@ -312,11 +327,19 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         raise CodelingError(f"data.replay_fraction is {config.data.replay_fraction} but "
                             "data.replay_sources is empty; name the sources to replay or set 0")
     check_sources(config.data.replay_sources)
+    sft = config.train.objective == "sft"
+    finetune.check_objective(config)
     if dist.is_main:
         if not (run_dir / "tokenizer" / "tokenizer.json").is_file() and not config.tokenizer.path:
+            if sft:
+                raise CodelingError(f"{run_dir / 'tokenizer'} has no tokenizer; fine-tuning "
+                                    "starts from an earlier stage of the same run, so run the "
+                                    "language or code stage first or set tokenizer.path")
             config.tokenizer.sources = resolve_sources(config.tokenizer.sources,
                                                        config.data.fallback_sources)
-        config.data.sources = resolve_sources(config.data.sources, config.data.fallback_sources)
+        if not sft:
+            config.data.sources = resolve_sources(config.data.sources,
+                                                  config.data.fallback_sources)
     # Every rank uses rank 0's choice, so a hub that only one rank can reach changes nothing.
     config.tokenizer.sources, config.data.sources = distributed.broadcast_object(
         (config.tokenizer.sources, config.data.sources))
@@ -333,15 +356,34 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         loaded = ckpt.read_checkpoint_config(checkpoint)
         ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint,
                              f"{run_dir / 'tokenizer'}")
-    data = distributed.main_first(lambda: ensure_data(config, run_dir, tokenizer),
-                                  "preparing the data shards")
     model = build_model(config, tokenizer).to(device)
-    loader, val_splits = build_loaders(config, data, dist.rank, dist.world_size)
+    if sft:
+        loader, val_splits = distributed.main_first(
+            lambda: finetune.build_sft_loaders(config, run_dir, tokenizer, dist.rank,
+                                               dist.world_size), "preparing the conversations")
+    else:
+        data = distributed.main_first(lambda: ensure_data(config, run_dir, tokenizer),
+                                      "preparing the data shards")
+        loader, val_splits = build_loaders(config, data, dist.rank, dist.world_size)
+    if config.train.lora_rank:
+        # Adapters train on top of the starting weights, on a fresh start and on resume alike.
+        base = find_init_checkpoint(config)
+        if base is None:
+            raise ConfigError(["train.lora_rank is set but init_from is empty; LoRA adapts "
+                               "trained weights, so set init_from to an earlier stage or "
+                               "checkpoint"])
+        initialize_from(model, base, tokenizer)
+        layers = lora.apply_lora(model, config.train.lora_rank, config.train.lora_alpha,
+                                 config.train.lora_targets, config.train.lora_dropout)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        log.info("LoRA rank %d on %d layers (%s): %.3fM trainable parameters",
+                 config.train.lora_rank, len(layers),
+                 ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers})), trainable / 1e6)
     trainer = Trainer(model, config, loader, val_splits, stage_dir, run_dir / "tokenizer",
                       tokenizer.fingerprint, device, bf16, dist=dist)
     if checkpoint is not None:
         restore(trainer, model, checkpoint, tokenizer, config)
-    elif init_checkpoint is not None:
+    elif init_checkpoint is not None and not config.train.lora_rank:
         initialize_from(model, init_checkpoint, tokenizer)
     if dist.is_main:
         save_config(config, run_dir / "config.yaml")

@@ -27,6 +27,7 @@ from safetensors.torch import load_model, save_model
 
 from codeling.config import ModelConfig, RunConfig, config_from_dict, config_to_dict
 from codeling.errors import CheckpointError, ConfigError
+from codeling.models import lora
 
 STAGE_ORDER = ("rlhf", "tools", "code", "language", "train", "quickstart")
 
@@ -44,7 +45,9 @@ def save_checkpoint(stage_dir: Path, step: int, model: torch.nn.Module, config: 
     final = root / checkpoint_name(step)
     temp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        save_model(model, str(temp / "model.safetensors"))
+        # LoRA adapters are merged, so every checkpoint loads into a plain model.
+        save_model(lora.merged_copy(model) if lora.has_lora(model) else model,
+                   str(temp / "model.safetensors"))
         (temp / "config.json").write_text(json.dumps(config_to_dict(config), indent=2))
         torch.save(trainer_state, temp / "trainer_state.pt")
         shutil.copy(tokenizer_dir / "tokenizer.json", temp / "tokenizer.json")

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from codeling.config import RunConfig
+from codeling.models import lora
 from codeling.training import checkpoint as ckpt
 from codeling.training import distributed
 from codeling.training.distributed import DistInfo
@@ -136,6 +137,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
+            # Adapters, so a resumed LoRA run continues from them (the weights are merged).
+            **({"lora": lora.adapter_state_dict(self.model)} if lora.has_lora(self.model) else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
