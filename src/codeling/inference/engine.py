@@ -88,6 +88,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     n: int = 1
+    # Let the model open tool calls with <|tool_call|>. Text after the first call is not sent
+    # as deltas; the Finished event carries the token ids, for codeling.chat.parse_assistant.
+    tool_calls: bool = False
 
     def validate(self) -> None:
         """Raise EngineError for settings outside their valid ranges."""
@@ -121,6 +124,7 @@ class Finished:
     finish_reason: str
     completion_tokens: int
     error: str | None = None
+    token_ids: tuple[int, ...] = ()  # the sampled tokens, stop tokens left out
 
 
 Event = TextDelta | Finished
@@ -259,6 +263,7 @@ class Sequence:
     sampled: int = 0  # sampled tokens, stop tokens included: the usage count
     emitted: int = 0  # characters of the decoded completion already sent as deltas
     stop_string_found: bool = False
+    in_tool_call: bool = False  # the model opened a tool call; its text is not streamed
     last_token: int = -1
     position: int = 0  # tokens stored in this sequence's cache
     row: int = -1  # BatchedDecoder: row of the slot cache
@@ -497,6 +502,8 @@ class Engine:
         # Plain completion never emits the chat and reserved tokens; eos and end of turn end it.
         self.stop_ids = {tokenizer.eos_id, tokenizer.token_id("<|end_turn|>")}
         self.banned_ids = [i for i in range(len(SPECIAL_TOKENS)) if i not in self.stop_ids]
+        self.tool_call_id = tokenizer.token_id("<|tool_call|>")
+        self.banned_with_tools = [i for i in self.banned_ids if i != self.tool_call_id]
 
         self._waiting: deque[Sequence] = deque()
         self._active: list[Sequence] = []
@@ -733,17 +740,22 @@ class Engine:
 
     def _accept(self, sequence: Sequence, logits: torch.Tensor) -> None:
         """Sample the next token from logits (1, V), send new text and finish if done."""
-        logits[:, self.banned_ids] = float("-inf")
         params = sequence.params
+        logits[:, self.banned_with_tools if params.tool_calls else self.banned_ids] = float("-inf")
         token = int(sample_next(logits, params.temperature, params.top_k, params.top_p,
                                 sequence.generator)[0])
         sequence.sampled += 1
         if token in self.stop_ids:
             sequence.finish_reason = FINISH_STOP
         else:
-            sequence.new_ids.append(token)
-            sequence.last_token = token
-            self._send_text(sequence, final=False)
+            if token == self.tool_call_id and not sequence.in_tool_call:
+                self._send_text(sequence, final=True)  # the text before the first call
+                sequence.in_tool_call = sequence.finish_reason is None  # unless a stop string
+            if sequence.finish_reason is None:
+                sequence.new_ids.append(token)
+                sequence.last_token = token
+                if not sequence.in_tool_call:
+                    self._send_text(sequence, final=False)
         if sequence.finish_reason is None and sequence.sampled >= sequence.max_new_tokens:
             sequence.finish_reason = FINISH_LENGTH
         if sequence.finish_reason is not None:
@@ -777,7 +789,7 @@ class Engine:
     def _finish(self, sequence: Sequence) -> None:
         """Flush held-back text, free the slot and send the Finished event."""
         finished_normally = sequence.finish_reason in (FINISH_STOP, FINISH_LENGTH)
-        if finished_normally and not sequence.stop_string_found:
+        if finished_normally and not sequence.stop_string_found and not sequence.in_tool_call:
             self._send_text(sequence, final=True)
         if sequence in self._active:
             self._active.remove(sequence)
@@ -789,4 +801,5 @@ class Engine:
         else:
             self.stats.failed_sequences += 1
         sequence.handle._emit(Finished(sequence.index, sequence.finish_reason or FINISH_ERROR,
-                                       sequence.sampled, sequence.error))
+                                       sequence.sampled, sequence.error,
+                                       tuple(sequence.new_ids)))

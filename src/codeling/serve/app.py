@@ -13,6 +13,7 @@ pydantic instead of by FastAPI, so invalid fields get status 400 as in OpenAI's 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -32,11 +33,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from codeling import chat
+from codeling.chat import ChatFormatError
 from codeling.inference.engine import (FINISH_CANCELLED, FINISH_ERROR, Engine, EngineError,
                                        EngineOverloadedError, EngineStoppedError, Event,
                                        Finished, PromptTooLongError, RequestHandle,
                                        SamplingParams, TextDelta)
-from codeling.chat import ChatFormatError, render as render_chat
 
 log = logging.getLogger(__name__)
 
@@ -263,15 +265,14 @@ def _reject_unsupported(body: _Body) -> None:
 
 def _reject_unsupported_chat(body: ChatCompletionBody) -> None:
     _reject_unsupported(body)
-    tool_fields = [name for name in ("tools", "tool_choice", "functions", "function_call")
-                   if getattr(body, name)]
-    tool_messages = [index for index, message in enumerate(body.messages)
-                     if message.role in ("tool", "function") or message.tool_calls]
-    if tool_fields or tool_messages:
-        param = tool_fields[0] if tool_fields else f"messages[{tool_messages[0]}]"
-        raise APIError(400, "tool calling needs a model tuned for tools, and this server does "
-                       "not support it yet; send the request without tools, tool_choice and "
-                       "tool messages", param=param, code="tools_not_supported")
+    for name in ("functions", "function_call"):
+        if getattr(body, name):
+            raise APIError(400, f"{name} is the deprecated form of tools; send tools and "
+                           "tool_choice instead", param=name, code="unsupported_parameter")
+    if body.tool_choice not in (None, "auto", "none"):
+        raise APIError(400, f"tool_choice {body.tool_choice!r} is not supported; use \"auto\" "
+                       "(the model decides) or \"none\"", param="tool_choice",
+                       code="unsupported_parameter")
     if body.logprobs or body.top_logprobs:
         raise APIError(400, "logprobs are not supported by this server", param="logprobs",
                        code="unsupported_parameter")
@@ -441,10 +442,11 @@ def _choice_failure(event: Finished, request_id: str) -> APIError:
                     f"{request_id}", type="server_error")
 
 
-async def _collect(run: _Run, request: Request, request_id: str) -> tuple[list[str], list[str]]:
-    """Wait for every choice of a non-streaming request; return texts and finish reasons."""
+async def _collect(run: _Run, request: Request,
+                   request_id: str) -> tuple[list[str], list[Finished]]:
+    """Wait for every choice of a non-streaming request; return texts and Finished events."""
     texts = [""] * run.choices
-    reasons = [""] * run.choices
+    reasons: list[Finished] = [None] * run.choices  # type: ignore[list-item]
     try:
         async for batch in _batches(run, request):
             for choice, event in batch:
@@ -453,7 +455,7 @@ async def _collect(run: _Run, request: Request, request_id: str) -> tuple[list[s
                 elif event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
                     raise _choice_failure(event, request_id)
                 else:
-                    reasons[choice] = event.finish_reason
+                    reasons[choice] = event
     except ClientDisconnected:
         log.info("request %s: client disconnected; request cancelled", request_id)
         raise APIError(499, "the client closed the connection",
@@ -471,7 +473,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 async def _stream(run: _Run, request: Request, request_id: str,
                   make_chunk: Callable[[list[dict[str, Any]]], dict[str, Any]],
                   delta_choice: Callable[[int, str], dict[str, Any]],
-                  final_choice: Callable[[int, str], dict[str, Any]],
+                  final_choices: Callable[[int, Finished], list[dict[str, Any]]],
                   first_chunks: list[dict[str, Any]], include_usage: bool) -> AsyncIterator[str]:
     """Yield server-sent events for a run; cancel the run when the client goes away.
 
@@ -493,7 +495,7 @@ async def _stream(run: _Run, request: Request, request_id: str,
                 if event.finish_reason in (FINISH_CANCELLED, FINISH_ERROR):
                     failure = _choice_failure(event, request_id)
                     break
-                parts.append(_sse(make_chunk([final_choice(choice, event.finish_reason)])))
+                parts.extend(_sse(make_chunk([part])) for part in final_choices(choice, event))
             parts.extend(_sse(make_chunk([delta_choice(choice, text)]))
                          for choice, text in pending.items())
             if failure is not None:
@@ -621,25 +623,36 @@ async def _chat_completions(server: _Server, request: Request) -> Any:
     body = _parse_body(await _read_body(request, server.max_body_bytes), ChatCompletionBody)
     server.check_model(body.model)
     _reject_unsupported_chat(body)
-    messages = [message.model_dump() for message in body.messages]
+    messages = [message.model_dump(exclude_none=True) for message in body.messages]
     try:
-        prompt = render_chat(messages, server.engine.tokenizer)
+        prompt = chat.render(messages, server.engine.tokenizer, body.tools or None)
     except ChatFormatError as error:
         raise APIError(400, str(error), param=error.param, code="invalid_value") from None
     max_tokens = body.max_completion_tokens or body.max_tokens
-    params = server.sampling_params(body, max_tokens)
+    params = dataclasses.replace(server.sampling_params(body, max_tokens),
+                                 tool_calls=bool(body.tools) and body.tool_choice != "none")
     run = server.submit([prompt], params, request_id, "messages")
 
     completion_id = f"chatcmpl-{request_id.removeprefix('req_')}"
     created = int(time.time())
     base = {"id": completion_id, "created": created, "model": server.model_name,
             "system_fingerprint": None}
+    tokenizer = server.engine.tokenizer
     if not body.stream:
-        texts, reasons = await _collect(run, request, request_id)
-        choices = [{"index": index, "message": {"role": "assistant", "content": text,
-                                                "refusal": None},
-                    "logprobs": None, "finish_reason": reason}
-                   for index, (text, reason) in enumerate(zip(texts, reasons))]
+        texts, finals = await _collect(run, request, request_id)
+        choices = []
+        for index, (text, final) in enumerate(zip(texts, finals)):
+            message = {"role": "assistant", "content": text, "refusal": None}
+            reason = final.finish_reason
+            calls, extra_text = _tool_calls_of(final, tokenizer, request_id)
+            if calls:
+                message["content"] = text or None
+                message["tool_calls"] = calls
+                reason = "tool_calls"
+            elif extra_text:
+                message["content"] = text + extra_text
+            choices.append({"index": index, "message": message, "logprobs": None,
+                            "finish_reason": reason})
         return {**base, "object": "chat.completion", "choices": choices, "usage": run.usage()}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -654,14 +667,48 @@ async def _chat_completions(server: _Server, request: Request) -> Any:
         return {"index": index, "delta": {"content": text}, "logprobs": None,
                 "finish_reason": None}
 
-    def final_choice(index: int, reason: str) -> dict[str, Any]:
-        return {"index": index, "delta": {}, "logprobs": None, "finish_reason": reason}
+    def final_choices(index: int, final: Finished) -> list[dict[str, Any]]:
+        calls, extra_text = _tool_calls_of(final, tokenizer, request_id)
+        if calls:
+            deltas = [{"index": position, **call} for position, call in enumerate(calls)]
+            return [{"index": index, "delta": {"tool_calls": deltas}, "logprobs": None,
+                     "finish_reason": None},
+                    {"index": index, "delta": {}, "logprobs": None,
+                     "finish_reason": "tool_calls"}]
+        ending = [{"index": index, "delta": {}, "logprobs": None,
+                   "finish_reason": final.finish_reason}]
+        if extra_text:
+            ending.insert(0, delta_choice(index, extra_text))
+        return ending
 
     first = [make_chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
              for index in range(run.choices)]
     return _stream_response(_stream(run, request, request_id, make_chunk, delta_choice,
-                                    final_choice, first, include_usage))
+                                    final_choices, first, include_usage))
+
+
+def _tool_calls_of(final: Finished, tokenizer: Any,
+                   request_id: str) -> tuple[list[dict[str, Any]], str]:
+    """Return the OpenAI tool calls in a finished choice, and text of calls that did not parse.
+
+    A call whose JSON does not parse cannot be sent as a call, so its raw text is returned to
+    be appended to the message content, and the choice ends as a plain answer.
+    """
+    tool_call = tokenizer.token_id("<|tool_call|>")
+    if tool_call not in final.token_ids:
+        return [], ""
+    message = chat.parse_assistant(final.token_ids, tokenizer)
+    broken = [call for call in message["tool_calls"] if "error" in call]
+    if broken:
+        log.warning("request %s: the model wrote a tool call that does not parse (%s); "
+                    "returned as text", request_id, broken[0]["error"])
+        return [], "".join(call.get("raw") or "" for call in message["tool_calls"])
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": call["function"]["name"],
+                          "arguments": json.dumps(call["function"]["arguments"],
+                                                  ensure_ascii=False)}}
+            for call in message["tool_calls"]], ""
 
 
 async def _completions(server: _Server, request: Request) -> Any:
@@ -683,9 +730,10 @@ async def _completions(server: _Server, request: Request) -> Any:
     base = {"id": f"cmpl-{request_id.removeprefix('req_')}", "created": int(time.time()),
             "model": server.model_name, "system_fingerprint": None}
     if not body.stream:
-        outputs, reasons = await _collect(run, request, request_id)
-        choices = [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}
-                   for index, (text, reason) in enumerate(zip(outputs, reasons))]
+        outputs, finals = await _collect(run, request, request_id)
+        choices = [{"index": index, "text": text, "logprobs": None,
+                    "finish_reason": final.finish_reason}
+                   for index, (text, final) in enumerate(zip(outputs, finals))]
         return {**base, "object": "text_completion", "choices": choices, "usage": run.usage()}
 
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -699,8 +747,9 @@ async def _completions(server: _Server, request: Request) -> Any:
     def delta_choice(index: int, text: str) -> dict[str, Any]:
         return {"index": index, "text": text, "logprobs": None, "finish_reason": None}
 
-    def final_choice(index: int, reason: str) -> dict[str, Any]:
-        return {"index": index, "text": "", "logprobs": None, "finish_reason": reason}
+    def final_choices(index: int, final: Finished) -> list[dict[str, Any]]:
+        return [{"index": index, "text": "", "logprobs": None,
+                 "finish_reason": final.finish_reason}]
 
     return _stream_response(_stream(run, request, request_id, make_chunk, delta_choice,
-                                    final_choice, [], include_usage))
+                                    final_choices, [], include_usage))
