@@ -183,14 +183,37 @@ class TrainConfig:
                              min=0)
     eval_batches: int = option(20, "micro-batches per validation pass", min=1)
     log_every: int = option(10, "optimizer steps between log lines", min=1)
+    log_to: list[str] = option([], "also send metrics to these trackers (rank 0 only): "
+                               "tensorboard (event files in <stage>/tensorboard) or wandb "
+                               "(offline unless WANDB_MODE is set); each needs its pip package",
+                               choices=["tensorboard", "wandb"])
     checkpoint_every: int = option(200, "optimizer steps between checkpoints; 0 = only at the end",
                                    min=0)
     keep_checkpoints: int = option(2, "most recent checkpoints kept on disk", min=1)
     precision: str = option("auto", "auto = bf16 autocast where the device supports it",
                             choices=["auto", "bf16", "fp32"])
     compile: bool = option(False, "compile the model with torch.compile (slow start, faster steps)")
+    activation_checkpointing: bool = option(
+        False, "recompute each decoder layer's activations in the backward pass: less memory, "
+        "about one more forward pass of compute")
+    memory_check: bool = option(True, "stop before training when the memory estimate "
+                                "exceeds the free memory of the device; false = only log it")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
+    distributed: str = option("ddp", "data parallelism under torchrun: ddp = a full copy of "
+                              "the model per process; fsdp = FSDP2, parameters, gradients and "
+                              "optimizer state sharded across processes", choices=["ddp", "fsdp"])
     seed: int = option(1337, "seed for weights, data order and sampling", min=0)
+    objective: str = option("lm", "lm = next-token loss on every token; sft = loss only on the "
+                            "assistant's tokens of conversations (chat sources)",
+                            choices=["lm", "sft"])
+    lora_rank: int = option(0, "rank of LoRA adapters on the lora_targets layers, which freezes "
+                            "the rest; 0 = train every weight", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale numerator: updates are scaled by alpha / rank",
+                               min=0.0, exclusive_min=True)
+    lora_dropout: float = option(0.0, "dropout on the LoRA input", min=0.0, max=0.9)
+    lora_targets: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj",
+         "out_proj"], "names of the Linear layers that get LoRA adapters")
 
 
 @dataclass
