@@ -56,7 +56,8 @@ def _add_tokenizer(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_data(commands: argparse._SubParsersAction) -> None:
-    parser = commands.add_parser("data", help="tokenize sources into memmapped shards")
+    parser = commands.add_parser("data", help="tokenize sources into memmapped shards, or "
+                                 "generate synthetic tool conversations")
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
     prepare = actions.add_parser("prepare", help="deduplicate, split and tokenize sources")
     prepare.add_argument("--sources", nargs="+", required=True, help="source specs to prepare")
@@ -70,6 +71,20 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
                          help="tokenizer processes; 0 = one per CPU core (default: 0)")
     prepare.add_argument("--max-documents", type=int, default=0,
                          help="documents taken per source; 0 = all (default: 0)")
+    tools = actions.add_parser(
+        "tools", help="generate synthetic function-calling conversations",
+        description="Write train.jsonl, val.jsonl, test_seen.jsonl (held-out phrasings), "
+        "test_unseen.jsonl (held-out tools) and manifest.json.")
+    tools.add_argument("--out", required=True,
+                       help="output directory; must not exist or must be empty")
+    tools.add_argument("--seed", type=int, default=0,
+                       help="random seed; the same seed writes identical files (default: 0)")
+    tools.add_argument("--train-examples", type=int, default=20000,
+                       help="conversations in train.jsonl (default: 20000)")
+    tools.add_argument("--val-examples", type=int, default=500,
+                       help="conversations in val.jsonl (default: 500)")
+    tools.add_argument("--test-examples", type=int, default=300,
+                       help="conversations in each of the two test files (default: 300)")
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -203,6 +218,13 @@ def _run(args: argparse.Namespace) -> int:
 
         train_tokenizer_command(args.sources, args.vocab_size, args.max_bytes_per_source,
                                 Path(args.out))
+    elif args.command == "data" and args.action == "tools":
+        from codeling.data.tool_data import format_summary, generate_tool_dataset
+
+        manifest = generate_tool_dataset(Path(args.out), args.seed, args.train_examples,
+                                         args.val_examples, args.test_examples)
+        for line in format_summary(manifest, args.out):
+            print(line)
     elif args.command == "data":
         from codeling.stages.commands import prepare_data_command
 
