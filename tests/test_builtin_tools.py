@@ -209,6 +209,7 @@ def test_list_limit(workdir: Path):
     ("run_python", ["print(1)"], "the arguments of run_python must be a JSON object"),
     ("run_python", {"code": "print(1)\0"}, "code contains a NUL character"),
     (None, None, "unknown tool None"),
+    (["run_shell"], {}, "unknown tool ['run_shell']"),
 ])
 def test_invalid_call_is_error_result(box: ToolBox, name, arguments, expected):
     assert expected in error_of(box.call(name, arguments))

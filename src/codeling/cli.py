@@ -10,6 +10,7 @@ import logging
 import sys
 from pathlib import Path
 
+from codeling.chat_session import add_chat_parser
 from codeling.errors import CodelingError
 from codeling.export.command import add_export_parser
 from codeling.quantize_command import add_quantize_parser
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(commands)
     add_export_parser(commands)
     add_quantize_parser(commands)
+    add_chat_parser(commands)
     return parser
 
 
@@ -266,6 +268,10 @@ def _run(args: argparse.Namespace) -> int:
         from codeling.serve.command import run_serve
 
         return run_serve(args)
+    elif args.command == "chat":
+        from codeling.chat_session import chat_command
+
+        return chat_command(args)
     elif args.command == "generate":
         from codeling.stages.commands import generate_command
 

@@ -156,12 +156,12 @@ class ToolBox:
 
     def call(self, name: Any, arguments: Any) -> str:
         """Validate the arguments against the tool's schema, run the tool, return its result."""
-        if name not in self._validators:
+        if not isinstance(name, str) or name not in self._validators:
             return error_result(f"unknown tool {name!r}; the available tools are "
                                 f"{', '.join(TOOL_NAMES)}")
         if not isinstance(arguments, Mapping):
             return error_result(f"the arguments of {name} must be a JSON object, got "
-                                f"{type(arguments).__name__} {arguments!r}")
+                                f"{type(arguments).__name__} {truncate(repr(arguments), 200)}")
         problems = sorted(self._validators[name].iter_errors(dict(arguments)),
                           key=lambda error: list(error.path))
         if problems:
