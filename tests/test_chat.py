@@ -170,3 +170,28 @@ def test_transformers_chat_template_renders_the_same_ids(small_tokenizer, tmp_pa
                                                    add_generation_prompt=prompt)
             ids = ids if isinstance(ids, list) else ids["input_ids"]
             assert list(ids) == expected
+
+
+def test_text_pieces_are_the_text_between_special_tokens(small_tokenizer):
+    messages, tools = CONVERSATIONS[3]
+    ids = chat.render(messages, small_tokenizer, tools, add_generation_prompt=False)
+    special = set(range(16))
+    pieces, current = [], []
+    for token in ids:
+        if token in special:
+            if current:
+                pieces.append(small_tokenizer.decode(current))
+            current = []
+        else:
+            current.append(token)
+    assert chat.text_pieces(messages, tools) == pieces
+
+
+def test_tool_conversations_text_source():
+    from codeling.data import sources
+
+    documents = sources.load_documents("tool-conversations", max_bytes=20_000)
+    assert documents
+    assert all("<|" not in document for document in documents[:5])
+    assert any("# Tools\n{\"name\": " in document for document in documents)
+    assert sources.source_name("tool-conversations") == "tool-conversations"

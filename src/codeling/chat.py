@@ -178,6 +178,22 @@ def _segments(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None
     return out
 
 
+def text_pieces(messages: Sequence[Mapping[str, Any]],
+                tools: Sequence[Any] | None = None) -> list[str]:
+    """Return the text between the special tokens of a rendered conversation, in order.
+
+    This is the text a tokenizer sees of a conversation, for example to train one on chats.
+    """
+    pieces, current = [], ""
+    for token, text, _ in _segments(messages, tools, add_generation_prompt=False):
+        if token is None:
+            current += text
+        elif current:
+            pieces.append(current)
+            current = ""
+    return pieces + ([current] if current else [])
+
+
 def render_with_mask(messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer,
                      tools: Sequence[Any] | None = None,
                      add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:

@@ -2,8 +2,9 @@
 
 A chat source is one of:
 
-- `tool-conversations`: the synthetic function-calling set of `codeling data tools`, generated
-  into `<run>/data/tool-conversations/` on first use with a fixed seed, so its held-out test files
+- `tool-conversations` or `tool-conversations:N`: the synthetic function-calling set of
+  `codeling data tools` with N training conversations (default 20000), generated into
+  `<run>/data/tool-conversations/` on first use with a fixed seed, so its held-out test files
   stay the same for evaluation;
 - `chat:PATH`: a JSONL file with one conversation per line, `{"messages": [...], "tools": [...]}`
   (tools optional), split into train and validation by a hash of each line.
@@ -43,21 +44,36 @@ IGNORE_INDEX = -100
 STATE_VERSION = 1
 
 
+DEFAULT_TOOL_EXAMPLES = 20000
+
+
 def is_chat_source(spec: str) -> bool:
     """Return True for specs that name conversations rather than plain text."""
-    return spec == TOOL_CONVERSATIONS or spec.startswith(CHAT_PREFIX)
+    return spec.split(":")[0] == TOOL_CONVERSATIONS or spec.startswith(CHAT_PREFIX)
 
 
 def chat_source_name(spec: str) -> str:
     """Directory-safe name of a chat source."""
-    if spec == TOOL_CONVERSATIONS:
-        return spec
+    if spec.split(":")[0] == TOOL_CONVERSATIONS:
+        return TOOL_CONVERSATIONS
     return "chat-" + Path(spec[len(CHAT_PREFIX):]).stem
+
+
+def tool_examples_of(spec: str) -> int:
+    """Return N of `tool-conversations:N` (the default without N); raise for a bad N."""
+    _, _, count = spec.partition(":")
+    if not count:
+        return DEFAULT_TOOL_EXAMPLES
+    if not count.isdigit() or int(count) < 10:
+        raise CodelingError(f"{spec!r}: the number of training conversations must be an "
+                            f"integer of at least 10, as in {TOOL_CONVERSATIONS}:20000")
+    return int(count)
 
 
 def check_chat_source(spec: str) -> None:
     """Raise CodelingError when a chat source cannot be read."""
-    if spec == TOOL_CONVERSATIONS:
+    if spec.split(":")[0] == TOOL_CONVERSATIONS:
+        tool_examples_of(spec)
         return
     if not spec.startswith(CHAT_PREFIX):
         raise CodelingError(f"{spec!r} is not a chat source; use {TOOL_CONVERSATIONS} or "
@@ -73,16 +89,30 @@ def tool_dataset_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "data" / TOOL_CONVERSATIONS
 
 
-def ensure_tool_dataset(run_dir: Path, seed: int = 0) -> Path:
-    """Generate the synthetic tool conversations of a run unless they exist; return the folder."""
+def ensure_tool_dataset(run_dir: Path, train_examples: int = DEFAULT_TOOL_EXAMPLES,
+                        seed: int = 0) -> Path:
+    """Generate the synthetic tool conversations of a run unless they exist; return the folder.
+
+    Validation and test splits are a tenth of the training set, at most 500 and 300.
+    Raises CodelingError when the folder holds a set of another size.
+    """
     from codeling.data.tool_data import generate_tool_dataset
 
     folder = tool_dataset_dir(run_dir)
-    if not (folder / "manifest.json").is_file():
-        manifest = generate_tool_dataset(folder, seed=seed)
-        log.info("generated synthetic tool conversations in %s: %s", folder,
-                 ", ".join(f"{split} {count}" for split, count in manifest["counts"].items())
-                 if "counts" in manifest else "done")
+    manifest_path = folder / "manifest.json"
+    if manifest_path.is_file():
+        found = json.loads(manifest_path.read_text())["counts"]["train"]
+        if found != train_examples:
+            raise CodelingError(f"{folder} holds {found} training conversations, not the "
+                                f"{train_examples} requested; request {TOOL_CONVERSATIONS}:"
+                                f"{found} or delete the folder to generate a new set")
+        return folder
+    manifest = generate_tool_dataset(
+        folder, seed=seed, train_examples=train_examples,
+        val_examples=min(500, max(train_examples // 10, 5)),
+        test_examples=min(300, max(train_examples // 10, 5)))
+    log.info("generated synthetic tool conversations in %s: %s", folder,
+             ", ".join(f"{split} {count}" for split, count in manifest["counts"].items()))
     return folder
 
 
@@ -111,8 +141,8 @@ def load_chat_splits(spec: str, run_dir: Path, val_fraction: float
                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Return (train, validation) conversations of a chat source."""
     check_chat_source(spec)
-    if spec == TOOL_CONVERSATIONS:
-        folder = ensure_tool_dataset(run_dir)
+    if spec.split(":")[0] == TOOL_CONVERSATIONS:
+        folder = ensure_tool_dataset(run_dir, tool_examples_of(spec))
         return read_conversations(folder / "train.jsonl"), read_conversations(folder / "val.jsonl")
     records = read_conversations(Path(spec[len(CHAT_PREFIX):]))
     train, val = [], []

@@ -8,6 +8,10 @@ Source specs:
 - `tinystories`: the TinyStories dataset on the Hugging Face Hub (streamed; needs the network),
   with its own validation split.
 - `shell-scripts`: sh/bash/dash/ksh/zsh scripts found in the usual system directories.
+- `tool-conversations`: the text of the synthetic function-calling conversations of
+  `codeling data tools` (training split, seed 0), one document per conversation. It is meant
+  for training a tokenizer that will also see chats; the tools stage reads the same
+  conversations as chats through `codeling.data.chat_data`.
 - `files:GLOB`: every file matching a recursive glob, such as `files:/data/**/*.py`.
 - `jsonl:PATH` or `jsonl:PATH:FIELD`: one document per line, read from FIELD (default `text`).
 - `hf:DATASET[:CONFIG][,split=SPLIT][,field=FIELD][,data_dir=DIR]`: a Hugging Face dataset,
@@ -58,7 +62,8 @@ SHELL_MAX_DEPTH = 8
 SHELL_MAX_FILES = 50_000
 HEAD_BYTES = 1024
 
-OFFLINE_FORMS = "python-stdlib, python-docs, shell-scripts, files:GLOB, jsonl:PATH[:FIELD]"
+OFFLINE_FORMS = ("python-stdlib, python-docs, shell-scripts, tool-conversations, files:GLOB, "
+                 "jsonl:PATH[:FIELD]")
 # Named hub datasets: (training split spec, validation split spec).
 NAMED_HF_SOURCES = {
     "tinystories": ("hf:roneneldan/TinyStories,split=train",
@@ -107,6 +112,8 @@ def iter_documents(spec: str) -> Iterator[str]:
         return iter_documents(NAMED_HF_SOURCES[spec][0])
     if spec == "shell-scripts":
         return _iter_shell_scripts()
+    if spec == "tool-conversations":
+        return _iter_tool_conversations()
     kind, separator, rest = spec.partition(":")
     if separator and rest:
         if kind == "files":
@@ -185,7 +192,8 @@ def split_of(text: str, val_fraction: float) -> str:
 def source_name(spec: str) -> str:
     """Return a short filesystem-safe name for a source spec, for use as a directory name."""
     spec = spec.strip()
-    if spec in ("python-stdlib", "shell-scripts", "python-docs") or spec in NAMED_HF_SOURCES:
+    if spec in ("python-stdlib", "shell-scripts", "python-docs", "tool-conversations") \
+            or spec in NAMED_HF_SOURCES:
         return spec
     kind, separator, rest = spec.partition(":")
     if not separator or not rest or kind not in ("files", "jsonl", "hf"):
@@ -384,6 +392,15 @@ def iter_shell_script_paths(
                     continue
                 if is_shell_script(path, head):
                     yield Path(path)
+
+
+def _iter_tool_conversations() -> Iterator[str]:
+    from codeling.chat import text_pieces
+    from codeling.data.chat_data import DEFAULT_TOOL_EXAMPLES
+    from codeling.data.tool_data import generate_records
+
+    for record in generate_records("train", DEFAULT_TOOL_EXAMPLES):
+        yield "\n".join(text_pieces(record["messages"], record.get("tools")))
 
 
 def _iter_shell_scripts() -> Iterator[str]:

@@ -468,6 +468,17 @@ def _record_key(record: dict[str, Any]) -> str:
     return json.dumps([names, record["messages"]], ensure_ascii=False, sort_keys=True)
 
 
+def generate_records(split: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Return the first `count` conversations of a split in memory, as the files would hold them.
+
+    For "train" this equals the train.jsonl of `generate_tool_dataset` with the same seed and
+    count; the other splits leave out the check against training examples.
+    """
+    if split not in ("train", "val", "test_seen", "test_unseen"):
+        raise CodelingError(f"unknown split {split!r}; use train, val, test_seen or test_unseen")
+    return _generate_split(split, count, seed)
+
+
 def _generate_split(split: str, count: int, seed: int,
                     exclude: set[str] | None = None) -> list[dict[str, Any]]:
     seen = [tool for tool in TOOLS if tool.name not in HELD_OUT_TOOLS]
