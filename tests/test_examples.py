@@ -76,3 +76,61 @@ def test_openai_client_example(example_run):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_chat_with_tools_example(tmp_path, small_tokenizer):
+    """A tiny model fitted to call list_files runs the example's whole loop for real."""
+    import json as json_module
+
+    import torch
+
+    from codeling import chat
+    from codeling.config import ModelConfig, RunConfig
+    from codeling.data import chat_data
+    from codeling.models.decoder import CodeModel
+    from codeling.tools import ToolBox
+    from codeling.training import checkpoint as ckpt
+
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    (workdir / "hello.py").write_text('print("hello from the sandbox")\n')
+    toolbox = ToolBox(workdir)
+    question = "Which files are in this folder?"
+    call = {"type": "function", "function": {"name": "list_files", "arguments": {"path": "."}}}
+    conversation = {"tools": toolbox.specs, "messages": [
+        {"role": "system", "content": "You are a coding assistant with tools."},
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": "", "tool_calls": [call]},
+        {"role": "tool", "content": toolbox.execute(call)},
+        {"role": "assistant", "content": "There is one file: hello.py."}]}
+    ids = chat.render(conversation["messages"], small_tokenizer, toolbox.specs,
+                      add_generation_prompt=False)
+    config = ModelConfig(vocab_size=small_tokenizer.vocab_size, d_model=64, n_layers=2,
+                         n_heads=4, max_seq_len=len(ids) + 256)
+    torch.manual_seed(0)
+    model = CodeModel(config)
+    examples = chat_data.tokenize_conversations([conversation], small_tokenizer, 10_000, "fit")
+    inputs, targets = chat_data.examples_to_batch(examples, 10_000, small_tokenizer.pad_id)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        logits = model(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.shape[-1]),
+                                                 targets.view(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.005:
+            break
+    tokenizer_dir = tmp_path / "tokenizer"
+    small_tokenizer.save(tokenizer_dir)
+    run_config = RunConfig(name="fitted", run_dir=str(tmp_path / "run"), stage="tools",
+                           model=config)
+    ckpt.save_checkpoint(tmp_path / "run" / "tools", 1, model, run_config, {}, tokenizer_dir,
+                         small_tokenizer.fingerprint)
+
+    out = run_example("examples/chat_with_tools.py", str(tmp_path / "run"), question)
+    assert f"user: {question}" in out
+    assert 'tool call: list_files({"path": "."})' in out
+    assert "tool result: " in out and "hello.py" in out.split("tool result: ")[1]
+    assert "assistant: There is one file: hello.py." in out
+    assert json_module.loads(toolbox.execute(call))  # the real tool's result is JSON
