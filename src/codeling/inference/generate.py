@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 
 from codeling.errors import CodelingError
+from codeling.inference.constrained import ToolCallConstraint
 from codeling.inference.sampling import sample_next
 from codeling.models.decoder import CodeModel
 from codeling.quantize import load_model_from_checkpoint
@@ -174,6 +177,120 @@ class Generator:
         texts = [self.tokenizer.decode(row) for row in rows]
         return [text[:cut] if (cut := _first_stop(text, config.stop)) is not None else text
                 for text in texts]
+
+    def generate_turn(self, prompt_ids: Sequence[int], config: GenerationConfig,
+                      tools: Sequence[Any] | None = None, constrained: bool = False) -> list[int]:
+        """Generate one assistant turn after a chat prompt and return its ids.
+
+        `prompt_ids` come from `codeling.chat.render` and end with `<|assistant|>`, or with
+        `<|tool_call|>` to make the turn start with a call. The returned ids stop before
+        `<|end_turn|>` or `<|eos|>`, or at `max_new_tokens`. `<|tool_call|>` may be generated only
+        when tools are given; every other special token is banned. `config.stop` is not applied.
+
+        With `constrained=True` the text before the first call is free, and each call is forced
+        to be valid JSON naming a listed tool with arguments valid against its schema (see
+        `codeling.inference.constrained` for the supported schema keywords). After a call only
+        `<|tool_call|>` or `<|end_turn|>` may follow. A call starts only when at least
+        `min_call_tokens` tokens remain, and inside a call the constraint also keeps enough tokens
+        to close it, so every call in the result is complete even when the token limit is hit.
+        """
+        return list(self._turn_ids(prompt_ids, config, tools, constrained))
+
+    def stream_turn(self, prompt_ids: Sequence[int], config: GenerationConfig,
+                    tools: Sequence[Any] | None = None, constrained: bool = False
+                    ) -> Iterator[tuple[str, str]]:
+        """Generate one assistant turn like `generate_turn` and yield it as events.
+
+        Events are ("text", piece) for the turn's text as it grows and ("tool_call", json_text)
+        for each call once the next call, the end of the turn or the token limit ends it.
+        """
+        tool_call = self.tokenizer.token_id("<|tool_call|>")
+        text_ids: list[int] = []
+        emitted = ""
+        call_ids: list[int] | None = [] if prompt_ids and prompt_ids[-1] == tool_call else None
+        for token in self._turn_ids(prompt_ids, config, tools, constrained):
+            if token == tool_call:
+                if call_ids is not None:
+                    yield "tool_call", self.tokenizer.decode(call_ids)
+                else:
+                    text = self.tokenizer.decode(text_ids)
+                    if len(text) > len(emitted):
+                        yield "text", text[len(emitted):]
+                call_ids = []
+            elif call_ids is not None:
+                call_ids.append(token)
+            else:
+                text_ids.append(token)
+                text = self.tokenizer.decode(text_ids)
+                if not text.endswith("\ufffd") and len(text) > len(emitted):
+                    yield "text", text[len(emitted):]  # held back while a UTF-8 character is split
+                    emitted = text
+        if call_ids is not None:
+            yield "tool_call", self.tokenizer.decode(call_ids)
+        else:
+            text = self.tokenizer.decode(text_ids)
+            if len(text) > len(emitted):
+                yield "text", text[len(emitted):]
+
+    def tool_call_constraint(self, tools: Sequence[Any]) -> ToolCallConstraint:
+        """Return the constraint for a list of tools, built once per distinct list."""
+        constraints: dict[str, ToolCallConstraint] = self.__dict__.setdefault("_constraints", {})
+        key = json.dumps(list(tools), sort_keys=True, default=str)
+        if key not in constraints:
+            if len(constraints) >= 16:
+                constraints.clear()
+            constraints[key] = ToolCallConstraint(tools, self.tokenizer)
+        return constraints[key]
+
+    @torch.inference_mode()
+    def _turn_ids(self, prompt_ids: Sequence[int], config: GenerationConfig,
+                  tools: Sequence[Any] | None, constrained: bool) -> Iterator[int]:
+        """Yield the ids of one assistant turn; see `generate_turn`."""
+        config.validate()
+        ids = list(prompt_ids)
+        if not ids:
+            raise CodelingError("prompt is empty; render a conversation with codeling.chat.render")
+        limit = self.model.config.max_seq_len
+        if len(ids) >= limit:
+            raise CodelingError(f"prompt is {len(ids)} tokens but the model's context is {limit}; "
+                                "shorten the conversation")
+        max_new = min(config.max_new_tokens, limit - len(ids))
+        generator = None
+        if config.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        tool_call = self.tokenizer.token_id("<|tool_call|>")
+        stop_ids = {self.tokenizer.eos_id, self.tokenizer.token_id("<|end_turn|>")}
+        allowed_special = stop_ids | ({tool_call} if tools else set())
+        banned = [i for i in range(len(SPECIAL_TOKENS)) if i not in allowed_special]
+        constraint = self.tool_call_constraint(tools) if constrained and tools else None
+        state = constraint.start if constraint is not None and ids[-1] == tool_call else None
+        if state is not None and max_new < constraint.min_call_tokens:
+            raise CodelingError(f"only {max_new} new tokens fit, but the shortest tool call "
+                                f"needs up to {constraint.min_call_tokens}; raise max_new_tokens")
+
+        cache = self.model.new_cache(1, len(ids) + max_new)
+        tokens = torch.tensor([ids], device=self.device)  # (1, T)
+        self.last_usage = {"prompt_tokens": len(ids), "completion_tokens": 0}
+        for step in range(max_new):
+            with autocast(self.device, self.bf16):
+                logits = self.model(tokens, cache)[0, -1].float()  # (V,)
+            remaining = max_new - step - 1  # tokens left after this one
+            if state is None:
+                logits[banned] = float("-inf")
+                if constraint is not None and remaining < constraint.min_call_tokens:
+                    logits[tool_call] = float("-inf")  # no room left to finish a call
+                next_id = int(sample_next(logits[None], config.temperature, config.top_k,
+                                          config.top_p, generator)[0])
+                if next_id == tool_call and constraint is not None:
+                    state = constraint.start
+            else:
+                next_id, state = constraint.pick(state, logits, config.temperature,
+                                                 config.top_k, config.top_p, generator, remaining)
+            self.last_usage["completion_tokens"] += 1
+            if next_id in stop_ids:
+                return
+            yield next_id
+            tokens = torch.tensor([[next_id]], device=self.device)
 
 
 def _first_stop(text: str, stops: tuple[str, ...]) -> int | None:
