@@ -173,7 +173,7 @@ def test_sft_trains_resumes_and_generates(run_copy, tmp_path, lora_rank):
     assert checkpoint.name == "step-000004"
     metrics = [json.loads(line) for line in (run_dir / "tools" / "metrics.jsonl").read_text()
                .splitlines()]
-    assert any("conversations" in record.get("val", {}) for record in metrics)
+    assert any(record.get("split") == "conversations" for record in metrics)
     generator = Generator.from_checkpoint(run_dir / "tools")  # merged weights, plain model
     assert not lora.has_lora(generator.model)
     prompt = chat.render([{"role": "user", "content": "add 3 and 2"}], generator.tokenizer)
