@@ -4,6 +4,11 @@ Routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`,
 `GET /v1/models/{model}` and `GET /health`. Both completion routes stream server-sent events in
 OpenAI's chunk format when `stream` is true, ending with `data: [DONE]`.
 
+Two more routes are a codeling extension, not part of OpenAI's API: `GET /v1/tools` lists the
+tools the server can execute, and `POST /v1/tools/execute` runs one tool call on the server
+machine with a `ToolBox` (sandboxed, confined to one working directory). The web chat page
+uses them to execute the tool calls that the model writes.
+
 Every error, including malformed JSON, wrong field types and unknown routes, gets OpenAI's error
 body `{"error": {"message", "type", "param", "code"}}` and is logged with the request id, which
 the response also carries in the `x-request-id` header. Request bodies are parsed here with
@@ -15,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -24,6 +30,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -39,6 +46,7 @@ from codeling.inference.engine import (FINISH_CANCELLED, FINISH_ERROR, Engine, E
                                        EngineOverloadedError, EngineStoppedError, Event,
                                        Finished, PromptTooLongError, RequestHandle,
                                        SamplingParams, TextDelta)
+from codeling.tools import ToolBox, error_result
 
 log = logging.getLogger(__name__)
 
@@ -526,12 +534,14 @@ def _stream_response(events: AsyncIterator[str]) -> StreamingResponse:
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, *,
                max_n: int = 16, max_body_bytes: int = 4 * 1024 * 1024,
-               manage_engine: bool = True) -> FastAPI:
+               manage_engine: bool = True, toolbox: ToolBox | None = None) -> FastAPI:
     """Build the FastAPI app that serves `engine` under `model_name`.
 
     With `api_key`, every /v1 route requires `Authorization: Bearer <api_key>`; /health never
     does. With `manage_engine`, the app starts the engine on startup and stops it on shutdown.
     `max_n` caps the choices per request and `max_body_bytes` the request body size.
+    With `toolbox`, `POST /v1/tools/execute` runs the tools that `toolbox.specs` lists;
+    without it, tools are off and that route returns 404.
     """
     server = _Server(engine, model_name, api_key, max_n, max_body_bytes)
 
@@ -576,8 +586,143 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, *,
     async def completions(request: Request) -> Any:
         return await _completions(server, request)
 
+    @app.get("/v1/tools", dependencies=authorized)
+    async def list_tools() -> dict[str, Any]:
+        return _tool_list(toolbox)
+
+    @app.post("/v1/tools/execute", dependencies=authorized)
+    async def execute_tool(request: Request) -> dict[str, str]:
+        return await _execute_tool(server, toolbox, request)
+
     _mount_web_chat(app)
     return app
+
+
+# -- tool execution (a codeling extension) -------------------------------------------------------
+
+
+class ToolExecuteBody(BaseModel):
+    """The body of `POST /v1/tools/execute`: one call, with arguments as in a tool call."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    name: str
+    # An object, or its JSON text as in OpenAI's `tool_calls[].function.arguments`.
+    arguments: dict[str, Any] | str = Field(default_factory=dict)
+
+
+def _tool_list(toolbox: ToolBox | None) -> dict[str, Any]:
+    if toolbox is None:
+        return {"object": "list", "data": [], "workdir": None}
+    return {"object": "list", "data": toolbox.specs, "workdir": str(toolbox.workdir)}
+
+
+async def _execute_tool(server: _Server, toolbox: ToolBox | None,
+                        request: Request) -> dict[str, str]:
+    """Run one tool call in a worker thread and return {"content": RESULT}.
+
+    A problem with the call itself (an unlisted tool, arguments that do not match the schema,
+    a path outside the working directory) returns the tool's error result with status 200.
+    A client then passes it on to the model like any other tool output.
+    """
+    request_id = request_id_of(request)
+    if toolbox is None:
+        raise APIError(404, "tools are off on this server, so no tool call can be executed; "
+                       "start it with `codeling serve RUN --tools builtin`",
+                       code="tools_disabled")
+    _check_tool_request(request, server.api_key)
+    body = _parse_body(await _read_body(request, server.max_body_bytes), ToolExecuteBody)
+    arguments = _tool_arguments(body.arguments)
+
+    listed = [spec["function"]["name"] for spec in toolbox.specs]
+    started = time.monotonic()
+    if body.name in listed:
+        # A tool may run a subprocess up to its time limit. In a worker thread it leaves the
+        # event loop, and so every stream in progress, running meanwhile.
+        content = await asyncio.to_thread(toolbox.call, body.name, arguments)
+    else:
+        content = error_result(f"unknown tool {body.name!r}; this server lists "
+                               f"{', '.join(listed) or 'no tools'}")
+    log.info("request %s: tool %r ran in %.2f s and returned %s", request_id,
+             body.name[:100], time.monotonic() - started,
+             "an error" if _is_error_result(content) else f"{len(content)} characters")
+    return {"content": content}
+
+
+def _tool_arguments(arguments: dict[str, Any] | str) -> dict[str, Any]:
+    """Return the arguments object of a tool call; raise APIError 400 when there is none."""
+    if isinstance(arguments, dict):
+        return arguments
+    if not arguments.strip():
+        return {}
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError as error:
+        raise APIError(400, f"arguments is a string but not valid JSON ({error}); send a JSON "
+                       "object or its JSON text", param="arguments",
+                       code="invalid_value") from None
+    if not isinstance(parsed, dict):
+        raise APIError(400, f"arguments must be a JSON object or its JSON text, got the JSON "
+                       f"text of a {type(parsed).__name__}", param="arguments",
+                       code="invalid_value")
+    return parsed
+
+
+def _is_error_result(content: str) -> bool:
+    try:
+        parsed = json.loads(content)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(parsed, dict) and set(parsed) == {"error"}
+
+
+def _check_tool_request(request: Request, api_key: str | None) -> None:
+    """Raise APIError unless a tool call request comes from the API or the server's own page.
+
+    A web page on another site can send a POST to a server on 127.0.0.1 through the user's
+    browser. Browsers mark such requests with `Sec-Fetch-Site` (and `Origin`), and they cannot
+    send Content-Type application/json cross-origin without a CORS preflight, which fails
+    because this server sends no CORS headers. DNS rebinding gets past both checks, because
+    the page then has the server's origin, but it cannot change the Host header from the
+    attacker's name. So a server without an API key executes only requests addressed to
+    localhost or an IP address.
+    """
+    fetch_site = request.headers.get("sec-fetch-site")
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "")
+    if fetch_site in ("cross-site", "same-site") or (
+            fetch_site is None and origin is not None
+            and urlsplit(origin).netloc.lower() != host.lower()):
+        raise APIError(403, f"tool calls from another web site are rejected (origin "
+                       f"{origin!r}); use the chat page this server serves, or an API client",
+                       type="permission_error", code="cross_origin_request")
+    if api_key is None and not _is_local_or_address(host):
+        raise APIError(403, f"this server has no API key, so it executes tool calls only for "
+                       f"requests addressed to localhost or an IP address, not {host!r}; set "
+                       "--api-key to use a host name", type="permission_error",
+                       code="host_not_allowed")
+    content_type = request.headers.get("content-type", "")
+    if content_type.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"the request Content-Type is {content_type or 'missing'!r}; send "
+                       "the JSON body with Content-Type: application/json",
+                       code="unsupported_media_type")
+
+
+def _is_local_or_address(host: str) -> bool:
+    """Return True when a Host header names localhost or an IP address (any port)."""
+    try:
+        hostname = urlsplit(f"//{host}").hostname
+    except ValueError:
+        return False
+    if hostname is None:
+        return False
+    if hostname == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
 
 
 # -- the web chat page ---------------------------------------------------------------------------

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from codeling.errors import CodelingError
+
+if TYPE_CHECKING:  # importing the tools imports jsonschema, which `codeling --help` does not need
+    from codeling.tools import ToolBox
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +25,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
     parser = commands.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Load a checkpoint and serve /v1/chat/completions, /v1/completions, "
-        "/v1/models and /health. Requests are decoded together in batches. Needs the fastapi "
-        "and uvicorn packages.")
+        "/v1/models and /health, and a web chat page at /. Requests are decoded together in "
+        "batches. With --tools builtin, clients and the chat page can also execute tool calls "
+        "on this machine through /v1/tools/execute. Needs the fastapi and uvicorn packages.")
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run directory, stage directory or checkpoint directory")
     parser.add_argument("--host", default="127.0.0.1",
@@ -43,7 +50,55 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                         "status 503 (default: 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N "
                         "(default: auto)")
+    parser.add_argument("--tools", choices=["builtin", "none"], default="none",
+                        help="tools that GET /v1/tools lists and POST /v1/tools/execute runs, "
+                        "for the web chat page and API clients: builtin (run_python, "
+                        "run_shell, read_file, list_files, search_code, write_file and "
+                        "git_status, run on this machine in the sandbox and confined to "
+                        "--workdir) or none (default: none)")
+    parser.add_argument("--workdir", default=None, metavar="DIR",
+                        help="working directory of the tools, created if missing; needs --tools "
+                        "builtin (default: a new temporary directory, logged at start and kept)")
     return parser
+
+
+def build_toolbox(tools: str, workdir: str | None) -> ToolBox | None:
+    """Build the ToolBox that --tools and --workdir select; return None when tools are off.
+
+    Without `workdir`, the tools get a new temporary directory, which is kept after the server
+    stops so that what the tools wrote can be inspected.
+    """
+    if tools == "none":
+        if workdir is not None:
+            raise CodelingError("--workdir sets the working directory of the tools, which are "
+                                "off; add --tools builtin or drop --workdir")
+        return None
+    if tools != "builtin":
+        raise CodelingError(f"--tools must be builtin or none, got {tools!r}")
+    from codeling.tools import ToolBox
+
+    if workdir is None:
+        path = Path(tempfile.mkdtemp(prefix="codeling-serve-"))
+        log.info("tools on: working directory %s (a new temporary directory, kept after the "
+                 "server stops)", path)
+    else:
+        path = Path(workdir)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise CodelingError(f"failed to create the working directory {workdir!r}: "
+                                f"{error.strerror}; pass another --workdir") from error
+        log.info("tools on: working directory %s", path.resolve())
+    return ToolBox(path)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -65,11 +120,16 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CodelingError(f"--max-queue must be 0 or more, got {args.max_queue}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_name = args.model_name or Path(args.checkpoint).resolve().name
+    toolbox = build_toolbox(args.tools, args.workdir)
+    if toolbox is not None and api_key is None and not _is_loopback(args.host):
+        log.warning("tools are on, --host %s accepts connections from the network and no API "
+                    "key is set: anyone who reaches port %d can run code on this machine; set "
+                    "--api-key or %s", args.host, args.port, API_KEY_ENV)
 
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device,
                                     max_batch_size=args.max_batch_size,
                                     max_queue=args.max_queue)
-    app = create_app(engine, model_name, api_key=api_key)
+    app = create_app(engine, model_name, api_key=api_key, toolbox=toolbox)
     log.info("serving %s as model %r on http://%s:%d (API key %s)", args.checkpoint, model_name,
              args.host, args.port, "required" if api_key else "not required")
     try:

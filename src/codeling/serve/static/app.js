@@ -1,9 +1,16 @@
 // The codeling web chat: sends the conversation to /v1/chat/completions with stream: true and
-// renders the server-sent chunks as they arrive. Untrusted text only ever reaches the page
-// through textContent and text nodes, never through innerHTML.
+// renders the server-sent chunks as they arrive. When the server lists tools (GET /v1/tools),
+// the page offers them to the model, executes the calls it writes through
+// POST /v1/tools/execute and requests another reply with the results. Untrusted text only ever
+// reaches the page through textContent and text nodes, never through innerHTML.
 "use strict";
 
 const API_KEY_STORAGE = "codeling.apiKey";
+// Rounds of tool calls executed at most for one user message, as in `codeling chat`.
+const MAX_TOOL_ROUNDS = 5;
+// A tool result longer than this is collapsed behind a summary line.
+const RESULT_COLLAPSE_LINES = 12;
+const RESULT_COLLAPSE_CHARS = 800;
 
 // -- syntax highlighting --------------------------------------------------------------------
 
@@ -209,6 +216,55 @@ function renderToolCalls(toolCalls) {
   return list;
 }
 
+// Return the error message of a tool result {"error": MESSAGE}, or null for other results.
+function toolErrorOf(text) {
+  try {
+    const parsed = JSON.parse(text);
+    if (parsed && typeof parsed === "object" && typeof parsed.error === "string" &&
+        Object.keys(parsed).length === 1) {
+      return parsed.error;
+    }
+  } catch (error) {
+    // Not JSON (read_file returns the file text), so not an error result.
+  }
+  return null;
+}
+
+// Render a tool result, pretty-printed when it is JSON, behind a <details> when it is long.
+function renderToolResult(text) {
+  const pre = document.createElement("pre");
+  pre.className = "tool-result";
+  pre.textContent = formatArguments(text);
+  const formatted = pre.textContent;
+  const lines = formatted.split("\n").length;
+  if (lines <= RESULT_COLLAPSE_LINES && formatted.length <= RESULT_COLLAPSE_CHARS) return pre;
+  const details = document.createElement("details");
+  details.className = "tool-result-details";
+  const summary = document.createElement("summary");
+  summary.textContent = `result: ${lines} lines, ${formatted.length} characters`;
+  details.append(summary, pre);
+  return details;
+}
+
+// Fill the role label. A tool result names its call id and tool in a span of their own,
+// because the label's style turns text to upper case and ids are case-sensitive.
+function fillRoleLabel(label, message) {
+  if (message.role !== "tool") {
+    label.textContent = message.role;
+    return;
+  }
+  label.textContent = "tool result";
+  let detail = "";
+  if (message.tool_call_id) detail += " for " + message.tool_call_id;
+  if (message.toolName) detail += " (" + message.toolName + ")";
+  if (detail) {
+    const span = document.createElement("span");
+    span.className = "role-detail";
+    span.textContent = detail;
+    label.append(span);
+  }
+}
+
 function fillMessage(element, message) {
   element.replaceChildren();
   element.className = "message " + message.role;
@@ -216,9 +272,7 @@ function fillMessage(element, message) {
 
   const label = document.createElement("div");
   label.className = "role";
-  label.textContent = message.role === "tool"
-    ? "tool result" + (message.tool_call_id ? " for " + message.tool_call_id : "")
-    : message.role;
+  fillRoleLabel(label, message);
   element.append(label);
 
   const body = document.createElement("div");
@@ -230,10 +284,8 @@ function fillMessage(element, message) {
       else appendInlineText(body, segment.text);
     }
   } else if (message.role === "tool") {
-    const pre = document.createElement("pre");
-    pre.className = "tool-result";
-    pre.textContent = formatArguments(text);
-    body.append(pre);
+    if (text || !message.note) body.append(renderToolResult(text));
+    if (toolErrorOf(text) !== null) element.classList.add("tool-error");
   } else {
     appendInlineText(body, text);
   }
@@ -254,9 +306,12 @@ function fillMessage(element, message) {
 
 const chat = {
   messages: [],        // the conversation sent to the server, in OpenAI's message shape
-  controller: null,    // the AbortController of the stream in progress
+  controller: null,    // the AbortController of the exchange in progress
   model: null,
-  stats: {chunkRenders: 0, streamsFinished: 0},
+  // What GET /v1/tools returned. `loaded` stays false until a request succeeds, because a
+  // server with an API key returns 401 until the key is entered.
+  tools: {specs: [], workdir: null, loaded: false},
+  stats: {chunkRenders: 0, streamsFinished: 0, toolCallsExecuted: 0},
 };
 
 const $ = (id) => document.getElementById(id);
@@ -395,38 +450,38 @@ function readSettings() {
   };
 }
 
-async function send(prompt) {
-  hideError();
-  let settings;
-  try {
-    settings = readSettings();
-  } catch (error) {
-    showError(error.message);
-    $("prompt").value = prompt;
-    return;
-  }
-  // "New chat" during the stream replaces chat.messages; this reply stays with its own chat.
-  const conversation = chat.messages;
-  conversation.push({role: "user", content: prompt});
+// The fields of a message that go to the server; display-only fields such as `note` stay here.
+function requestMessage({role, content, tool_calls, tool_call_id, name}) {
+  return {role, content, tool_calls, tool_call_id, name};
+}
+
+function finishStatus(finishReason) {
+  if (finishReason === "length") return "stopped at the max tokens limit";
+  return finishReason ? "done (" + finishReason + ")" : "done";
+}
+
+function scrollToEnd() {
+  $("messages").scrollTop = $("messages").scrollHeight;
+}
+
+// Stream one assistant turn into a new message element and return {reply, element,
+// finishReason}. Whatever part of the reply arrived joins the conversation, even when the
+// stream then fails or is stopped.
+async function streamReply(conversation, settings, tools, controller) {
   const request = {
     model: chat.model || "default",
-    messages: conversation.map(({role, content, tool_calls, tool_call_id, name}) =>
-      ({role, content, tool_calls, tool_call_id, name})),
+    messages: conversation.map(requestMessage),
     stream: true,
     ...settings,
   };
-  renderConversation(chat.messages);
+  if (tools) request.tools = tools;
 
   const reply = {role: "assistant", content: ""};
   const element = document.createElement("div");
   fillMessage(element, reply);
   element.classList.add("streaming");
   $("messages").append(element);
-
-  const controller = new AbortController();
-  chat.controller = controller;
-  setBusy(true);
-  setStatus("generating…");
+  scrollToEnd();
   let finishReason = null;
   try {
     const response = await fetch("v1/chat/completions", {
@@ -451,33 +506,150 @@ async function send(prompt) {
       fillMessage(element, reply);
       element.classList.add("streaming");
       chat.stats.chunkRenders += 1;
-      $("messages").scrollTop = $("messages").scrollHeight;
+      scrollToEnd();
     }
-    if (finishReason === "length") setStatus("stopped at the max tokens limit");
-    else setStatus(finishReason ? "done (" + finishReason + ")" : "done");
+    return {reply, element, finishReason};
+  } catch (error) {
+    if (controller.signal.aborted) reply.note = "stopped";
+    throw error;
+  } finally {
+    if (reply.content || reply.tool_calls) conversation.push(reply);
+    fillMessage(element, reply);
+  }
+}
+
+// Execute one tool call on the server; return the result text.
+async function executeTool(call, signal) {
+  const fn = call.function || {};
+  const response = await fetch("v1/tools/execute", {
+    method: "POST",
+    headers: {"Content-Type": "application/json", ...authHeaders()},
+    body: JSON.stringify({name: fn.name, arguments: fn.arguments || "{}"}),
+    signal,
+  });
+  if (!response.ok) throw new Error(await describeFailure(response));
+  const body = await response.json();
+  if (typeof body.content !== "string") {
+    throw new Error("the server's tool result has no content string");
+  }
+  return body.content;
+}
+
+// Add a tool message for each call, as the chat format expects one result per call.
+function appendToolMessage(conversation, call, content, note) {
+  const message = {role: "tool", tool_call_id: call.id || undefined, content,
+    toolName: (call.function || {}).name};
+  if (note) message.note = note;
+  conversation.push(message);
+  const element = document.createElement("div");
+  fillMessage(element, message);
+  $("messages").append(element);
+  scrollToEnd();
+  return {message, element};
+}
+
+// Execute the calls of one reply in order and add their results to the conversation. When a
+// call fails or is stopped, it and the calls after it get error results, so that every call
+// still has its result, and the error is raised.
+async function executeToolCalls(conversation, calls, controller) {
+  for (let index = 0; index < calls.length; index += 1) {
+    const call = calls[index];
+    setStatus("running " + ((call.function || {}).name || "a tool") + "…");
+    const {message, element} = appendToolMessage(conversation, call, "", "running…");
+    element.classList.add("running");
+    try {
+      message.content = await executeTool(call, controller.signal);
+      delete message.note;
+      chat.stats.toolCallsExecuted += 1;
+    } catch (error) {
+      const reason = controller.signal.aborted ? "stopped before it finished"
+        : "the page failed to execute it: " + error.message;
+      message.content = JSON.stringify({error: "not executed: " + reason});
+      message.note = controller.signal.aborted ? "stopped" : "failed";
+      for (const later of calls.slice(index + 1)) {
+        appendToolMessage(conversation, later,
+          JSON.stringify({error: "not executed because an earlier tool call failed"}),
+          "not executed");
+      }
+      throw error;
+    } finally {
+      fillMessage(element, message);
+    }
+  }
+}
+
+// The tool specs to send, or null when the server has none or the toggle is off.
+function activeTools() {
+  return chat.tools.specs.length > 0 && $("tools-enabled").checked ? chat.tools.specs : null;
+}
+
+// Send a user message and run the exchange: stream the reply, execute its tool calls and ask
+// again with their results, until a reply has no calls or MAX_TOOL_ROUNDS rounds have run.
+async function send(prompt) {
+  hideError();
+  let settings;
+  try {
+    settings = readSettings();
+  } catch (error) {
+    showError(error.message);
+    $("prompt").value = prompt;
+    return;
+  }
+  // "New chat" during the exchange replaces chat.messages; this exchange stays with its own.
+  const conversation = chat.messages;
+  conversation.push({role: "user", content: prompt});
+  const userIndex = conversation.length - 1;
+  renderConversation(conversation);
+
+  const controller = new AbortController();
+  chat.controller = controller;
+  setBusy(true);
+  try {
+    if (!chat.tools.loaded) await loadTools();
+    let status = "done";
+    for (let round = 0; ; round += 1) {
+      const tools = activeTools();
+      setStatus(round === 0 ? "generating…" : `generating… (after tool round ${round})`);
+      const {reply, element, finishReason} =
+        await streamReply(conversation, settings, tools, controller);
+      const calls = reply.tool_calls || [];
+      status = finishStatus(finishReason);
+      if (finishReason !== "tool_calls" || calls.length === 0) break;
+      if (!tools) {
+        // Only a server that was sent no tools can get here, through a proxy or a test.
+        reply.note = "tool calls not executed: tools are off";
+        fillMessage(element, reply);
+        break;
+      }
+      if (round >= MAX_TOOL_ROUNDS) {
+        for (const call of calls) {
+          appendToolMessage(conversation, call, JSON.stringify({error: "not executed: the " +
+            `limit of ${MAX_TOOL_ROUNDS} rounds of tool calls in one answer was reached`}),
+          "not executed");
+        }
+        status = `stopped after ${MAX_TOOL_ROUNDS} rounds of tool calls`;
+        break;
+      }
+      await executeToolCalls(conversation, calls, controller);
+      if (conversation !== chat.messages) return;
+    }
+    setStatus(status);
   } catch (error) {
     if (controller.signal.aborted) {
-      reply.note = "stopped";
       if (conversation === chat.messages) setStatus("stopped");
     } else {
       showError(error.message);
       setStatus("failed");
+      if (conversation.length === userIndex + 1 && conversation === chat.messages) {
+        // Nothing came back and the error box shows why, so the prompt goes back for a retry.
+        conversation.pop();
+        renderConversation(conversation);
+        if (!$("prompt").value) $("prompt").value = prompt;
+      }
     }
   } finally {
-    chat.controller = null;
-    setBusy(false);
-    const current = conversation === chat.messages;
-    if (reply.content || reply.tool_calls) {
-      conversation.push(reply);
-      fillMessage(element, reply);
-    } else if (!controller.signal.aborted && current) {
-      // Nothing came back and the error box shows why, so the prompt goes back for a retry.
-      conversation.pop();
-      renderConversation(conversation);
-      if (!$("prompt").value) $("prompt").value = prompt;
-    } else {
-      fillMessage(element, reply);
-    }
+    if (chat.controller === controller) chat.controller = null;
+    setBusy(chat.controller !== null);
     chat.stats.streamsFinished += 1;
   }
 }
@@ -501,12 +673,48 @@ async function loadModel() {
   }
 }
 
+// Ask the server which tools it executes (GET /v1/tools, a codeling extension).
+async function loadTools() {
+  let response;
+  try {
+    response = await fetch("v1/tools", {headers: authHeaders()});
+  } catch (error) {
+    return;  // the server is unreachable; the next chat request reports that
+  }
+  if (response.status === 401) {
+    // Retried when the API key changes and before the next message.
+    chat.tools = {specs: [], workdir: null, loaded: false};
+  } else if (!response.ok) {
+    // A server without the route (404) executes no tools.
+    chat.tools = {specs: [], workdir: null, loaded: true};
+  } else {
+    const body = await response.json();
+    chat.tools = {specs: Array.isArray(body.data) ? body.data : [],
+      workdir: body.workdir || null, loaded: true};
+  }
+  renderToolsToggle();
+}
+
+function renderToolsToggle() {
+  const {specs, workdir} = chat.tools;
+  $("tools-toggle").hidden = specs.length === 0;
+  const names = specs.map((spec) => (spec.function || {}).name).join(", ");
+  $("tools-toggle").title = "tools: " + names + "\nworking directory: " + workdir +
+    "\nThe tools run on the server machine, in its sandbox.";
+  $("tools-note").textContent = $("tools-enabled").checked
+    ? "tools on: " + (workdir || "(no working directory)") : "tools off";
+}
+
 function start() {
   const keyInput = $("api-key");
   keyInput.value = sessionStorage.getItem(API_KEY_STORAGE) || "";
+  let keyTimer = null;
   keyInput.addEventListener("input", () => {
     sessionStorage.setItem(API_KEY_STORAGE, keyInput.value);
+    clearTimeout(keyTimer);
+    keyTimer = setTimeout(loadTools, 300);
   });
+  $("tools-enabled").addEventListener("change", renderToolsToggle);
 
   $("composer").addEventListener("submit", (event) => {
     event.preventDefault();
@@ -528,10 +736,11 @@ function start() {
     setStatus("");
   });
   loadModel();
+  loadTools();
 }
 
 // The page's functions, for the browser console and the end-to-end tests.
 window.codeling = {chat, renderConversation, setConversation, highlightInto, splitFences, send,
-  stop};
+  stop, loadTools};
 
 document.addEventListener("DOMContentLoaded", start);
