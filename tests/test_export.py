@@ -76,15 +76,15 @@ def make_checkpoint(tmp_path: Path, tokenizer_dir: Path, model_settings: dict,
 
 
 @torch.no_grad()
-def greedy(model: CodeModel, prompt: list[int], new_tokens: int, eos_id: int) -> list[int]:
-    """Decode greedily with codeling's cache, stopping after eos as transformers does."""
+def greedy(model: CodeModel, prompt: list[int], new_tokens: int, stop_ids: set[int]) -> list[int]:
+    """Decode greedily with codeling's cache, stopping after a stop id as transformers does."""
     cache = model.new_cache(1, len(prompt) + new_tokens)
     tokens = torch.tensor([prompt])
     generated = []
     for _ in range(new_tokens):
         next_id = int(model(tokens, cache)[0, -1].argmax())
         generated.append(next_id)
-        if next_id == eos_id:
+        if next_id in stop_ids:
             break
         tokens = torch.tensor([[next_id]])
     return generated
@@ -105,7 +105,9 @@ def test_hf_export_matches_codeling(name, tmp_path, tokenizer_dir):
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
     ours_tokenizer = Tokenizer.load(tokenizer_dir)
     prompt = ours_tokenizer.encode(SAMPLE_TEXT)
-    assert hf_tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"] == prompt
+    # Special-token strings in text stay text only when the tokenizer is asked to split them.
+    assert hf_tokenizer(SAMPLE_TEXT, add_special_tokens=False,
+                        split_special_tokens=True)["input_ids"] == prompt
     assert hf_tokenizer.decode(prompt) == SAMPLE_TEXT
 
     tokens = torch.tensor([prompt[:21]])  # 21 tokens span several Mamba-2 chunks of 8
@@ -118,7 +120,8 @@ def test_hf_export_matches_codeling(name, tmp_path, tokenizer_dir):
     with torch.no_grad():
         generated = theirs.generate(tokens, do_sample=False, max_new_tokens=8)
     hf_new = generated[0, tokens.shape[1]:].tolist()
-    assert hf_new == greedy(model, prompt[:21], 8, ours_tokenizer.eos_id)
+    stop_ids = {ours_tokenizer.eos_id, ours_tokenizer.token_id("<|end_turn|>")}
+    assert hf_new == greedy(model, prompt[:21], 8, stop_ids)
     assert len(set(hf_new)) > 2
 
 
@@ -236,6 +239,10 @@ def test_gguf_export_round_trips(name, tmp_path, tokenizer_dir):
     assert field_value(reader, "tokenizer.ggml.bos_token_id") == tokenizer.bos_id
     assert field_value(reader, "tokenizer.ggml.eos_token_id") == tokenizer.eos_id
     assert field_value(reader, "tokenizer.ggml.padding_token_id") == tokenizer.pad_id
+    assert field_value(reader, "tokenizer.ggml.eot_token_id") == tokenizer.token_id("<|end_turn|>")
+    from codeling.chat import CHAT_TEMPLATE
+
+    assert field_value(reader, "tokenizer.chat_template") == CHAT_TEMPLATE
 
 
 def test_gguf_rotary_permutation_keeps_attention_scores():

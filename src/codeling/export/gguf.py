@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from codeling.chat import CHAT_TEMPLATE
 from codeling.errors import CodelingError
 from codeling.export.hf import load_checkpoint_model
 from codeling.models.decoder import CodeModel
@@ -125,6 +126,9 @@ def _add_tokenizer(writer: "gguf.GGUFWriter", tokenizer: Tokenizer, vocab_size: 
     writer.add_pad_token_id(tokenizer.pad_id)
     writer.add_add_bos_token(False)
     writer.add_add_eos_token(False)
+    # Chat runtimes render this template and stop a reply at the end-of-turn token.
+    writer.add_eot_token_id(tokenizer.token_id("<|end_turn|>"))
+    writer.add_chat_template(CHAT_TEMPLATE)
 
 
 def export_gguf(checkpoint_path: str | Path, out_file: str | Path) -> Path:

@@ -275,9 +275,9 @@ def _write_safetensors(state: dict[str, torch.Tensor], file: Path, tied: bool) -
 def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     """Write a transformers model directory for the newest checkpoint under `checkpoint_path`.
 
-    The directory gets config.json, model.safetensors, tokenizer.json, tokenizer_config.json
-    and special_tokens_map.json. It is written next to `out_dir` and renamed into place, so
-    a failed export leaves nothing behind. Raises `CodelingError` for a model that no
+    The directory gets config.json, generation_config.json, model.safetensors, tokenizer.json,
+    tokenizer_config.json (with the chat template) and special_tokens_map.json. It is written
+    next to `out_dir` and renamed into place, so a failed export leaves nothing behind. Raises `CodelingError` for a model that no
     transformers class computes exactly.
     """
     out_dir = Path(out_dir)
@@ -298,6 +298,10 @@ def export_hf(checkpoint_path: str | Path, out_dir: str | Path) -> Path:
     try:
         _write_safetensors(state, temp / "model.safetensors", model.config.tie_embeddings)
         (temp / "config.json").write_text(json.dumps(fields, indent=2) + "\n")
+        # `generate` stops at the end of a document and at the end of a chat turn.
+        generation = {"bos_token_id": tokenizer.bos_id, "pad_token_id": tokenizer.pad_id,
+                      "eos_token_id": [tokenizer.eos_id, tokenizer.token_id("<|end_turn|>")]}
+        (temp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         tokenizer.save(temp)
         (temp / "codeling_source.json").write_text(
             json.dumps({"checkpoint": str(source)}, indent=2) + "\n")
