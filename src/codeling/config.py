@@ -204,8 +204,10 @@ class TrainConfig:
                               "optimizer state sharded across processes", choices=["ddp", "fsdp"])
     seed: int = option(1337, "seed for weights, data order and sampling", min=0)
     objective: str = option("lm", "lm = next-token loss on every token; sft = loss only on the "
-                            "assistant's tokens of conversations (chat sources)",
-                            choices=["lm", "sft"])
+                            "assistant's tokens of conversations (chat sources); dpo = direct "
+                            "preference optimization on preference pairs; grpo = online RL "
+                            "with rewards from running sampled code against unit tests",
+                            choices=["lm", "sft", "dpo", "grpo"])
     lora_rank: int = option(0, "rank of LoRA adapters on the lora_targets layers, which freezes "
                             "the rest; 0 = train every weight", min=0)
     lora_alpha: float = option(16.0, "LoRA scale numerator: updates are scaled by alpha / rank",
@@ -214,6 +216,23 @@ class TrainConfig:
     lora_targets: list[str] = option(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "in_proj",
          "out_proj"], "names of the Linear layers that get LoRA adapters")
+    grpo_group_size: int = option(8, "grpo: completions sampled per prompt; rewards are "
+                                  "normalized within each group", min=2)
+    grpo_prompts_per_step: int = option(8, "grpo: code tasks (prompts) per optimizer step", min=1)
+    grpo_inner_steps: int = option(1, "grpo: optimizer steps on each batch of samples; above 1 "
+                                   "the policy ratio moves away from 1 and clipping applies",
+                                   min=1)
+    grpo_clip: float = option(0.2, "grpo: clip the policy ratio to [1 - clip, 1 + clip]",
+                              min=0.0, max=1.0, exclusive_min=True)
+    grpo_kl_coef: float = option(0.04, "grpo: weight of the KL penalty to the reference (the "
+                                 "init_from weights)", min=0.0)
+    grpo_max_new_tokens: int = option(96, "grpo: maximum number of tokens sampled for one "
+                                      "completion", min=1)
+    grpo_temperature: float = option(1.0, "grpo: sampling temperature; log-probabilities use the "
+                                     "same temperature", min=0.0, exclusive_min=True)
+    grpo_partial_credit: float = option(0.5, "grpo: reward of a failing completion per share of "
+                                        "asserts passed; a passing one gets 1.0", min=0.0,
+                                        max=1.0)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -721,7 +722,10 @@ def build_program(task: CodeTask, completion: str, marker: str) -> str:
 def _syntax_error(task: CodeTask, completion: str) -> str | None:
     """Compile prompt + completion without running it; return the error text or None."""
     try:
-        compile(task.prompt + completion, "<completion>", "exec")
+        with warnings.catch_warnings():
+            # Suspicious but valid code, such as `1(2)`, fails when it runs, not here.
+            warnings.simplefilter("ignore", SyntaxWarning)
+            compile(task.prompt + completion, "<completion>", "exec")
     except (SyntaxError, ValueError) as error:  # ValueError: the source contains a NUL byte
         line = getattr(error, "lineno", None)
         return f"{type(error).__name__}: {getattr(error, 'msg', error)}" + (

@@ -313,8 +313,13 @@ def mark_done(stage_dir: Path, result: TrainResult, used_sources: list[str]) -> 
 def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
     """Run stage 0 if needed, prepare data, then train and checkpoint the model.
 
-    Under torchrun, every rank calls this; see the module docstring.
+    Under torchrun, every rank calls this; see the module docstring. `train.objective: grpo`
+    runs `codeling.training.grpo.run_grpo` instead, which samples its own data.
     """
+    if config.train.objective == "grpo":
+        from codeling.training import grpo  # grpo imports this module
+
+        return grpo.run_grpo(config, resume)
     dist = distributed.init_distributed(resolve_device(config.train.device))
     if not dist.is_main:
         # Rank 0 reports the run; the other ranks log only warnings and errors.
