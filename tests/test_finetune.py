@@ -59,7 +59,7 @@ def test_long_conversations_are_dropped(small_tokenizer, caplog):
                                               {"role": "assistant", "content": "ok"}]}]
     examples = chat_data.tokenize_conversations(records, small_tokenizer, 64, "test")
     assert len(examples) == 1
-    assert "dropped 1 of 2 conversations longer than 64 tokens" in caplog.text
+    assert "dropped 1 of 2 conversations longer than train.seq_len + 1 = 64 tokens" in caplog.text
 
 
 def test_loader_resumes_and_shards_by_rank(small_tokenizer):

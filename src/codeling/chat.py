@@ -89,12 +89,18 @@ def tool_function(tool: Any, param: str) -> dict[str, Any]:
     """Return the function object of a tool spec: {"type": "function", "function": {...}} or bare."""
     if not isinstance(tool, Mapping):
         raise ChatFormatError(f"a tool must be an object, got {type(tool).__name__}", param)
+    if "function" in tool and tool.get("type", "function") != "function":
+        raise ChatFormatError(f"tool type {tool.get('type')!r} is not supported; use "
+                              "\"function\"", f"{param}.type")
     function = tool.get("function", tool)
     if not isinstance(function, Mapping) or not isinstance(function.get("name"), str) \
             or not function["name"]:
         raise ChatFormatError(
             'a tool needs a function name: {"type": "function", "function": {"name": ..., '
             '"parameters": {...}}}', param)
+    if not isinstance(function.get("parameters", {}), Mapping):
+        raise ChatFormatError("a tool's parameters must be a JSON Schema object such as "
+                              '{"type": "object", "properties": {...}}', f"{param}.parameters")
     return dict(function)
 
 
@@ -125,8 +131,13 @@ def dump_json(value: Any) -> str:
 
 def tools_block(tools: Sequence[Any]) -> str:
     """The tools part of the system turn: the header and one JSON object per line."""
-    lines = [dump_json(tool_function(tool, f"tools[{index}]")) for index, tool in enumerate(tools)]
-    return TOOLS_HEADER + "\n".join(lines)
+    functions = [tool_function(tool, f"tools[{index}]") for index, tool in enumerate(tools)]
+    names = [function["name"] for function in functions]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise ChatFormatError(f"two tools are named {name!r}; give each tool its own name",
+                                  f"tools[{index}].function.name")
+    return TOOLS_HEADER + "\n".join(dump_json(function) for function in functions)
 
 
 # -- rendering ----------------------------------------------------------------------------------

@@ -263,8 +263,14 @@ def chat_command(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               seed=args.seed)
     config.validate()
-    toolbox = _toolbox(args.workdir) if args.tools == "builtin" else None
+    if args.workdir is not None and args.tools != "builtin":
+        raise CodelingError("--workdir sets the working directory of the tools, which are off; "
+                            "add --tools builtin or drop --workdir")
+    if args.transcript:
+        _check_transcript_path(Path(args.transcript))
     generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
+    toolbox = _toolbox(args.workdir) if args.tools == "builtin" else None
+    _check_context(generator, toolbox, args.system)
     session = ChatSession(generator, config, toolbox=toolbox, system=args.system,
                           constrained=args.constrained, max_tool_rounds=args.max_tool_rounds,
                           transcript=Path(args.transcript) if args.transcript else None)
@@ -272,6 +278,36 @@ def chat_command(args: argparse.Namespace) -> int:
         print("Type a message and press Enter; /exit ends the chat, /reset clears it.")
     session.run(read_user_lines(sys.stdin))
     return 0
+
+
+def _check_transcript_path(path: Path) -> None:
+    """Raise CodelingError unless a transcript can be written at `path`."""
+    if path.is_dir():
+        raise CodelingError(f"--transcript {str(path)!r} is a directory; give a file path such "
+                            "as chat.json")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise CodelingError(f"--transcript {str(path)!r} cannot be written ({parent} is not a "
+                            "writable directory); give a path in a writable directory")
+
+
+def _check_context(generator: Any, toolbox: ToolBox | None, system: str | None) -> None:
+    """Raise CodelingError when the system turn and tools alone fill the model's context."""
+    from codeling import chat
+
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": ""})
+    tools = toolbox.specs if toolbox is not None else None
+    length = len(chat.render(messages, generator.tokenizer, tools))
+    context = generator.model.config.max_seq_len
+    if length >= context:
+        raise CodelingError(
+            f"the system turn{' with the tool descriptions' if tools else ''} is {length} "
+            f"tokens but the model's context is {context}; use a model with a longer "
+            f"model.max_seq_len{', or --tools none' if tools else ''}"
+            f"{', or a shorter --system' if system else ''}")
 
 
 def _toolbox(workdir: str | None) -> ToolBox:

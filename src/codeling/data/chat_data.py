@@ -53,10 +53,10 @@ def is_chat_source(spec: str) -> bool:
 
 
 def chat_source_name(spec: str) -> str:
-    """Directory-safe name of a chat source."""
+    """Name of a chat source in logs and errors: the spec itself for a file."""
     if spec.split(":")[0] == TOOL_CONVERSATIONS:
         return TOOL_CONVERSATIONS
-    return "chat-" + Path(spec[len(CHAT_PREFIX):]).stem
+    return spec
 
 
 def tool_examples_of(spec: str) -> int:
@@ -119,8 +119,13 @@ def ensure_tool_dataset(run_dir: Path, train_examples: int = DEFAULT_TOOL_EXAMPL
 def read_conversations(path: Path) -> list[dict[str, Any]]:
     """Read a JSONL file of conversations, naming the file and line of a bad record."""
     records = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CodelingError(f"{path}:{number}: not UTF-8 text (byte {error.start}); "
+                                    "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -163,7 +168,13 @@ class Example:
 
 def tokenize_conversations(records: Sequence[dict[str, Any]], tokenizer: Tokenizer,
                            max_len: int, name: str) -> list[Example]:
-    """Render conversations to examples; drop those longer than max_len tokens, with a warning."""
+    """Render conversations to examples; drop those longer than max_len tokens, with a warning.
+
+    `max_len` is train.seq_len + 1: a row holds seq_len inputs and their next-token targets.
+    """
+    if not records:
+        raise CodelingError(f"{name}: no conversations; add more, or lower data.val_fraction "
+                            "if they all went to validation")
     examples, too_long, no_target = [], 0, 0
     for index, record in enumerate(records):
         try:
@@ -178,13 +189,14 @@ def tokenize_conversations(records: Sequence[dict[str, Any]], tokenizer: Tokeniz
             continue
         examples.append(Example(np.asarray(ids, dtype=np.int32), np.asarray(mask, dtype=np.uint8)))
     if too_long:
-        log.warning("%s: dropped %d of %d conversations longer than %d tokens; raise "
-                    "train.seq_len to keep them", name, too_long, len(records), max_len)
+        log.warning("%s: dropped %d of %d conversations longer than train.seq_len + 1 = %d "
+                    "tokens; raise train.seq_len to keep them", name, too_long, len(records),
+                    max_len)
     if no_target:
         log.warning("%s: dropped %d conversations without an assistant turn", name, no_target)
     if not examples:
-        raise CodelingError(f"{name}: no conversation fits in {max_len} tokens; raise "
-                            "train.seq_len")
+        raise CodelingError(f"{name}: no conversation fits in train.seq_len = {max_len - 1} "
+                            "tokens; raise train.seq_len")
     return examples
 
 

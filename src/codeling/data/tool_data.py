@@ -533,7 +533,9 @@ def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: in
     counts = {"train": train_examples, "val": val_examples, "test_seen": test_examples,
               "test_unseen": test_examples}
     _check_counts(counts)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CodelingError(f"--out {str(out_dir)!r} is a file; choose a directory path")
+    if out_dir.exists() and any(out_dir.iterdir()):
         raise CodelingError(f"output directory {out_dir} already exists and is not empty; "
                             "choose a new --out directory or delete this one")
 
@@ -551,8 +553,13 @@ def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: in
         "held_out_tools": sorted(HELD_OUT_TOOLS),
         "held_out_templates": held_out_template_ids(), "splits": {}}
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as error:
+        raise CodelingError(f"cannot create --out {str(out_dir)!r}: "
+                            f"{error.strerror or error}; choose a writable directory path"
+                            ) from None
     try:
         for split, records in splits.items():
             data = "".join(json.dumps(record, ensure_ascii=False) + "\n"
@@ -684,8 +691,13 @@ def load_conversations(path: str | Path) -> list[dict[str, Any]]:
         raise CodelingError(f"conversation file not found: {path}; generate one with "
                             "`codeling data tools --out DIR`")
     records = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CodelingError(f"{path}:{number}: not UTF-8 text (byte {error.start}); "
+                                    "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:

@@ -107,7 +107,8 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
              if (data_dir / f"{split}.jsonl").is_file()}
     if not found:
         raise CodelingError(f"no test_seen.jsonl or test_unseen.jsonl in {data_dir}; generate "
-                            "them with `codeling data tools --out DIR`")
+                            "them with `codeling data tools --out DIR` and pass --tools-data "
+                            "DIR (tools_data in a recipe)")
     config = GenerationConfig(max_new_tokens=max_new_tokens, temperature=0.0)
     context = generator.model.config.max_seq_len
     results: dict[str, Any] = {"data": str(data_dir), "limit": limit, "splits": {}}

@@ -120,6 +120,12 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load adapter matrices saved by `adapter_state_dict` into a model with the same adapters."""
     own = adapter_state_dict(model)
+    reshaped = [name for name in own if name in state and state[name].shape != own[name].shape]
+    if reshaped:
+        raise ConfigError([f"saved LoRA adapter {reshaped[0]} has shape "
+                           f"{tuple(state[reshaped[0]].shape)}, not "
+                           f"{tuple(own[reshaped[0]].shape)}; resume with the same train.lora_* "
+                           "settings"])
     if set(own) != set(state):
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         raise ConfigError([f"saved LoRA adapters do not match this model (missing {missing[:3]}, "

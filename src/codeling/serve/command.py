@@ -120,15 +120,17 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CodelingError(f"--max-queue must be 0 or more, got {args.max_queue}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_name = args.model_name or Path(args.checkpoint).resolve().name
+    if args.tools == "none" and args.workdir is not None:
+        build_toolbox(args.tools, args.workdir)  # raises: --workdir without tools
+    engine = Engine.from_checkpoint(args.checkpoint, device=args.device,
+                                    max_batch_size=args.max_batch_size,
+                                    max_queue=args.max_queue)
+    # After the checkpoint loaded, so a bad checkpoint leaves no new directory behind.
     toolbox = build_toolbox(args.tools, args.workdir)
     if toolbox is not None and api_key is None and not _is_loopback(args.host):
         log.warning("tools are on, --host %s accepts connections from the network and no API "
                     "key is set: anyone who reaches port %d can run code on this machine; set "
                     "--api-key or %s", args.host, args.port, API_KEY_ENV)
-
-    engine = Engine.from_checkpoint(args.checkpoint, device=args.device,
-                                    max_batch_size=args.max_batch_size,
-                                    max_queue=args.max_queue)
     app = create_app(engine, model_name, api_key=api_key, toolbox=toolbox)
     log.info("serving %s as model %r on http://%s:%d (API key %s)", args.checkpoint, model_name,
              args.host, args.port, "required" if api_key else "not required")
