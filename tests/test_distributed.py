@@ -1,4 +1,4 @@
-"""Data-parallel training on CPU with gloo and 2 processes.
+"""Data-parallel training on CPU with gloo and 2 processes, under DDP and FSDP2.
 
 Two ranks with batch_size B and grad_accum 1 see the same global batch as one process with
 batch_size B and grad_accum 2, so their losses and weights must match. All rendezvous traffic
@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from codeling.config import load_config
 from codeling.data.loader import PackedLoader, iter_eval_batches
@@ -41,6 +42,9 @@ CLI_TIMEOUT_S = 90
 MODEL_SETTINGS = {
     "dense": [],
     "moe": ["model.ffn=moe", "model.n_experts=4", "model.top_k=1", "model.balancer=bias"],
+    # FSDP shards each layer and the root; test_cli_fsdp_checkpoints_load_anywhere covers dense.
+    "moe-fsdp": ["train.distributed=fsdp", "model.ffn=moe", "model.n_experts=4",
+                 "model.top_k=1", "model.balancer=bias"],
 }
 
 
@@ -80,7 +84,11 @@ def make_trainer(directory: Path, batch_size: int, grad_accum: int,
 
 def train_rank(rank: int, world_size: int, port: int, directory: str,
                model_settings: list[str]) -> None:
-    """Train one rank of the spawned job and save its final weights as rank<r>.pt."""
+    """Train one rank of the spawned job and save its final weights as rank<r>.pt.
+
+    Under FSDP only rank 0 gets the gathered weights, so only rank0.pt is written. Every rank
+    writes how many parameter elements it stores to rank<r>.json.
+    """
     os.environ.update(loopback_env(port))
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world_size),
                        "LOCAL_RANK": str(rank)})
@@ -90,7 +98,12 @@ def train_rank(rank: int, world_size: int, port: int, directory: str,
         trainer = make_trainer(Path(directory), batch_size=2, grad_accum=1, dist=dist,
                                model_settings=model_settings)
         trainer.fit()
-        torch.save(trainer.model.state_dict(), Path(directory) / f"rank{rank}.pt")
+        local = sum(getattr(p, "to_local", lambda p=p: p)().numel()
+                    for p in trainer.model.parameters())
+        (Path(directory) / f"rank{rank}.json").write_text(json.dumps({"local_numel": local}))
+        full = distributed.full_model(trainer.model)
+        if full is not None:
+            torch.save(full.state_dict(), Path(directory) / f"rank{rank}.pt")
     finally:
         distributed.destroy()
 
@@ -125,10 +138,20 @@ def test_two_ranks_match_grad_accum(tmp_path, model):
     single.fit()
 
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
-    rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
     for name, expected in single.model.state_dict().items():
         torch.testing.assert_close(rank0[name], expected, rtol=1e-5, atol=1e-6, msg=name)
-        torch.testing.assert_close(rank1[name], rank0[name], rtol=0, atol=0, msg=name)
+    held = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())["local_numel"]
+            for r in range(2)]
+    total = single.model.num_parameters()
+    if "fsdp" in model:
+        assert not (tmp_path / "ddp" / "rank1.pt").exists()
+        assert sum(held) == total  # each element on exactly one rank
+        assert max(held) < 0.6 * total
+    else:
+        rank1 = torch.load(tmp_path / "ddp" / "rank1.pt")
+        for name, value in rank0.items():
+            torch.testing.assert_close(rank1[name], value, rtol=0, atol=0, msg=name)
+        assert held == [total, total]
 
     ddp_steps = metric_records(tmp_path / "ddp" / "stage", "loss")
     single_steps = metric_records(tmp_path / "single" / "stage", "loss")
@@ -197,3 +220,66 @@ def test_cli_resume_two_ranks_to_one(tmp_path):
     assert state["tokens"] == 6 * 4 * 32
     steps = [r["step"] for r in metric_records(stage_dir, "loss")]
     assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_cli_fsdp_checkpoints_load_anywhere(tmp_path):
+    """FSDP on 2 ranks, then 1 process, then FSDP again equals one process throughout.
+
+    Steps 1-4 run under FSDP, 5-6 in a single process from the FSDP checkpoint, and 7-8 under
+    FSDP from the single-process checkpoint. With the same global batch and a constant
+    schedule, the weights and losses must match a single process that ran all 8 steps. The
+    FSDP run also checkpoints activations, so each sharded layer gathers its parameters again
+    for the recomputation in backward.
+    """
+    settings = dict(batch_size=4, max_steps=8, eval_every=4, checkpoint_every=2,
+                    schedule="constant")
+    reference_dir = tmp_path / "reference"
+    reference = write_config(tmp_path / "reference.yaml", tiny_run_config(reference_dir,
+                                                                          **settings))
+    single = [sys.executable, "-m", "codeling", "train"]
+    result = run_cli(single + ["--config", str(reference)], {}, tmp_path / "reference.log")
+    assert result.returncode == 0, result.stdout[-3000:]
+
+    run_dir = tmp_path / "run"
+    data = tiny_run_config(run_dir, **{**settings, "batch_size": 2, "distributed": "fsdp",
+                                       "activation_checkpointing": True})
+    data["tokenizer"]["path"] = str(reference_dir / "tokenizer")  # the same token ids
+    config = write_config(tmp_path / "run.yaml", data)
+    port = free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+                "-m", "codeling", "train", "--config", str(config)]
+    first = run_cli(torchrun + ["--set", "train.max_steps=4"], loopback_env(port),
+                    tmp_path / "fsdp1.log")
+    assert first.returncode == 0, first.stdout[-3000:]
+    assert "FSDP: 2 decoder layers and the root sharded over 2 processes" in first.stdout
+
+    resume = ["--config", str(config), "--resume"]
+    middle = run_cli(single + resume + ["--set", "train.max_steps=6", "--set",
+                                        "train.batch_size=4"], {}, tmp_path / "single.log")
+    assert middle.returncode == 0, middle.stdout[-3000:]
+    assert "resumed from" in middle.stdout
+
+    port = free_port()
+    torchrun[torchrun.index("--master_port") + 1] = str(port)
+    last = run_cli(torchrun + ["--resume"], loopback_env(port), tmp_path / "fsdp2.log")
+    assert last.returncode == 0, last.stdout[-3000:]
+
+    stage_dir, reference_stage = run_dir / "code", reference_dir / "code"
+    latest = ckpt.latest_checkpoint(stage_dir)
+    assert latest.name == "step-000008"
+    weights = load_file(latest / "model.safetensors")
+    expected = load_file(ckpt.latest_checkpoint(reference_stage) / "model.safetensors")
+    assert weights.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(weights[name], expected[name], rtol=1e-5, atol=1e-6,
+                                   msg=name)
+    losses = metric_records(stage_dir, "loss")
+    reference_losses = metric_records(reference_stage, "loss")
+    assert [r["step"] for r in losses] == list(range(1, 9))
+    for record, reference_record in zip(losses, reference_losses):
+        assert record["loss"] == pytest.approx(reference_record["loss"], rel=1e-6)
+
+    generated = run_cli([sys.executable, "-m", "codeling", "generate", str(run_dir), "--prompt",
+                         "import ", "--max-new-tokens", "4"], {}, tmp_path / "generate.log")
+    assert generated.returncode == 0, generated.stdout[-3000:]

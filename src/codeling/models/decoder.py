@@ -11,12 +11,15 @@ Shapes follow the legend in `codeling.models.layers`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from codeling.config import ModelConfig
 from codeling.models.attention import Attention, KVCache
@@ -78,6 +81,37 @@ class DecoderLayer(nn.Module):
         return self.mamba.new_cache(batch_size, device, dtype)
 
 
+def _checkpointed_layer(layer: DecoderLayer, x: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> torch.Tensor:
+    """Run `layer` under non-reentrant activation checkpointing; return its output (B, T, D).
+
+    A MoE layer records its balancing losses and routing counts as a side effect of forward.
+    Its recomputation in backward must not count the routing twice, so that state is restored
+    after the rerun.
+    """
+    if layer.ffn_kind != "moe":
+        return checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False)
+
+    def contexts() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
+        return contextlib.nullcontext(), _moe_state_kept(layer.moe)
+
+    return checkpoint(layer, x, cos, sin, None, 0, use_reentrant=False, context_fn=contexts)
+
+
+@contextlib.contextmanager
+def _moe_state_kept(moe: MoEFeedForward) -> Iterator[None]:
+    """Restore a MoE block's losses, expert loads and bias-balancer counts on exit."""
+    saved = (moe.aux_loss, moe.z_loss, moe.expert_load)
+    counts = moe.load_counts.clone() if moe.balancer == "bias" else None
+    try:
+        yield
+    finally:
+        moe.aux_loss, moe.z_loss, moe.expert_load = saved
+        if counts is not None:
+            with torch.no_grad():
+                moe.load_counts.copy_(counts)
+
+
 @dataclass
 class ModelCache:
     """Per-layer decoding state for a batch of sequences and the number of positions filled."""
@@ -89,6 +123,10 @@ class ModelCache:
 
 class CodeModel(nn.Module):
     """Decoder-only language model: embeddings, a stack of layers, final norm, output head."""
+
+    # The trainer sets this from train.activation_checkpointing. When True, a training forward
+    # pass without a cache keeps only each layer's input and recomputes the rest in backward.
+    activation_checkpointing: bool = False
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -132,7 +170,12 @@ class CodeModel(nn.Module):
         pos = cache.pos if cache is not None else 0
         cos, sin = self.rotary(pos, tokens.shape[1])  # (T, E)
         x = self.embed_tokens(tokens)  # (B, T, D)
+        recompute = (self.activation_checkpointing and cache is None and self.training
+                     and torch.is_grad_enabled())
         for index, layer in enumerate(self.layers):
+            if recompute:
+                x = _checkpointed_layer(layer, x, cos, sin)
+                continue
             layer_cache = cache.layers[index] if cache is not None else None
             x = layer(x, cos, sin, layer_cache, pos)
         logits = self.lm_head(self.norm(x))  # (B, T, V)

@@ -34,6 +34,7 @@ from codeling.models.decoder import CodeModel
 from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from codeling.training import checkpoint as ckpt
 from codeling.training import distributed
+from codeling.training import memory
 from codeling.training.device import resolve_device, use_bf16
 from codeling.training.trainer import Trainer, TrainResult, ValidationSplit
 
@@ -361,6 +362,7 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         loaded = ckpt.read_checkpoint_config(checkpoint)
         ckpt.check_tokenizer(loaded.meta, checkpoint, tokenizer.fingerprint,
                              f"{run_dir / 'tokenizer'}")
+    memory.check_run(config, tokenizer.vocab_size, bf16, dist)
     model = build_model(config, tokenizer).to(device)
     if sft:
         loader, val_splits = distributed.main_first(

@@ -28,6 +28,7 @@ from safetensors.torch import load_model, save_model
 from codeling.config import ModelConfig, RunConfig, config_from_dict, config_to_dict
 from codeling.errors import CheckpointError, ConfigError
 from codeling.models import lora
+from codeling.training import distributed
 
 STAGE_ORDER = ("rlhf", "tools", "code", "language", "train", "quickstart")
 
@@ -140,7 +141,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load model.safetensors into `model`, with errors that name the file and the fix."""
     file = path / "model.safetensors"
     try:
-        missing, unexpected = load_model(model, str(file), strict=False)
+        if distributed.is_sharded(model):  # safetensors cannot read DTensor storages
+            missing, unexpected = distributed.load_full_weights(model, file)
+        else:
+            missing, unexpected = load_model(model, str(file), strict=False)
     except (SafetensorError, OSError, RuntimeError) as error:
         detail = str(error).splitlines()[0][:200]
         raise CheckpointError(f"cannot read {file}: {detail}; the file is truncated or corrupt "

@@ -6,17 +6,26 @@ nccl on CUDA with the worker's device set from LOCAL_RANK. A collective times ou
 CODELING_DIST_TIMEOUT_MINUTES (default 120). A plain `codeling train` has none
 of these variables, so it runs as world size 1 without a process group, and every helper here
 is then a no-op.
+
+The model is replicated with DistributedDataParallel (train.distributed=ddp) or sharded with
+FSDP2's `fully_shard` (train.distributed=fsdp). Under FSDP every parameter and AdamW moment is
+a DTensor that stores 1/world_size of the tensor on each rank. Checkpoints still contain full
+tensors: `full_model` and `full_optimizer_state` gather them before rank 0 saves, and a sharded
+model's `load_state_dict` and `shard_optimizer_state` cut full tensors back into shards. So a
+checkpoint loads under any world size, under either strategy, and in `codeling generate`.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import inspect
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -189,17 +198,28 @@ def destroy() -> None:
     _info = DistInfo(device=_info.device)
 
 
-def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
-    """Wrap `model` in DistributedDataParallel when world size > 1, else return it unchanged.
+STRATEGIES = ("ddp", "fsdp")
 
-    Keep the unwrapped `model` for checkpoints, optimizer groups and model methods: the
-    wrapper shares its parameters. Buffers are not broadcast from rank 0 on each forward,
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, strategy: str = "ddp") -> torch.nn.Module:
+    """Prepare `model` for data-parallel training when world size > 1, else return it unchanged.
+
+    `strategy` "fsdp" shards the model in place (see `shard_model`) and returns it. "ddp" wraps
+    it in DistributedDataParallel. Keep the unwrapped `model` for checkpoints, optimizer groups
+    and model methods: the wrapper shares its parameters. Buffers are not broadcast from rank 0 on each forward,
     because MoE load counts are per-rank sums that `update_bias` all-reduces itself. MoE
     models set find_unused_parameters, since an expert that gets no token on one rank has
     no gradient there.
     """
+    if strategy not in STRATEGIES:
+        raise CodelingError(f"train.distributed={strategy!r} is invalid; use one of "
+                            f"{', '.join(STRATEGIES)}")
     if not info.enabled:
+        if strategy == "fsdp":
+            log.info("train.distributed=fsdp has no effect in a single process")
         return model
+    if strategy == "fsdp":
+        return shard_model(model, info)
     from torch.nn.parallel import DistributedDataParallel
 
     config = getattr(model, "config", None)
@@ -213,3 +233,186 @@ def wrap_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
         buffer_option = {"broadcast_buffers": False}
     return DistributedDataParallel(model, device_ids=device_ids,
                                    find_unused_parameters=has_moe, **buffer_option)
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------------
+
+
+def shard_model(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """Shard `model` in place with FSDP2: each decoder layer, then the rest at the root.
+
+    Each layer's parameters are gathered just before its forward and backward and freed
+    after, and its gradients are reduce-scattered. The root group (embeddings, final norm,
+    output head) stays gathered through a step. The sharded model's `load_state_dict` also
+    accepts the full tensors of a checkpoint: every rank keeps its own shard of each.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    frozen = [name for name, param in model.named_parameters() if not param.requires_grad]
+    if frozen:
+        raise CodelingError(f"train.distributed=fsdp needs every parameter trainable, but "
+                            f"{frozen[0]} and {len(frozen) - 1} others are frozen (LoRA); "
+                            "use train.distributed=ddp")
+    # NOTE: tested on CPUs with gloo only; the same calls on CUDA with NCCL have not run.
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.register_load_state_dict_pre_hook(_shard_full_tensors)
+    log.info("FSDP: %d decoder layers and the root sharded over %d processes",
+             len(model.layers), info.world_size)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Return True for a model sharded by `shard_model`."""
+    if not dist.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _shard_full_tensors(module: torch.nn.Module, state_dict: dict[str, Any], prefix: str,
+                        *unused: Any) -> None:
+    """Replace each full tensor aimed at a sharded parameter or buffer by this rank's shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    targets = module.state_dict(keep_vars=True)
+    for key, value in list(state_dict.items()):
+        target = targets.get(key[len(prefix):]) if key.startswith(prefix) else None
+        if isinstance(target, DTensor) and not isinstance(value, DTensor):
+            # src_data_rank=None: each rank cuts its shard from its own copy, no communication.
+            state_dict[key] = distribute_tensor(value.to(target.device, target.dtype),
+                                                target.device_mesh, target.placements,
+                                                src_data_rank=None)
+
+
+def load_full_weights(model: torch.nn.Module, file: Path) -> tuple[list[str], list[str]]:
+    """Load a safetensors file of full tensors into a sharded model; return (missing, unexpected).
+
+    Every rank reads the whole file and keeps its own shards. A tied parameter stored under
+    one of its names counts as loaded under all of them, as in safetensors' `load_model`.
+    """
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    targets = model.state_dict(keep_vars=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    loaded = {id(targets[name]) for name in state if name in targets}
+    return [name for name in missing if id(targets[name]) not in loaded], list(unexpected)
+
+
+def _full_tensor(value: Any) -> Any:
+    """Gather a DTensor into a full CPU tensor (a collective); return other values as they are."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(value, DTensor):
+        return value.full_tensor().cpu()
+    return value
+
+
+def full_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """Return a model with full tensors to save: `model` itself unless it is sharded.
+
+    For a sharded model every rank must call this, because it gathers each tensor. Rank 0 gets
+    an unsharded CPU copy of the model and the other ranks get None.
+    """
+    if not is_sharded(model):
+        return model
+    from codeling.models.decoder import CodeModel
+
+    gathered: dict[int, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in gathered:  # tied embeddings are gathered once
+            gathered[id(tensor)] = _full_tensor(tensor.detach())
+        if _info.is_main:
+            full[name] = gathered[id(tensor)]
+        else:
+            gathered[id(tensor)] = None  # keep at most one gathered tensor on other ranks
+    if not _info.is_main:
+        return None
+    with torch.device("meta"):
+        copy = CodeModel(model.config)
+    # assign=True takes the gathered tensors as the copy's parameters, without allocating.
+    copy.load_state_dict(full, assign=True)
+    return copy
+
+
+def full_optimizer_state(state: dict[str, Any]) -> dict[str, Any]:
+    """Gather the sharded tensors of an optimizer `state_dict()`; return others unchanged.
+
+    Collective when the state contains DTensors, so under FSDP call it on every rank.
+    """
+    per_param = state["state"]
+    if not any(_is_dtensor(value) for values in per_param.values() for value in values.values()):
+        return state
+    full = {index: {key: _full_tensor(value) for key, value in per_param[index].items()}
+            for index in sorted(per_param)}
+    return {**state, "state": full}
+
+
+def shard_optimizer_state(state: dict[str, Any],
+                          optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Cut the full tensors of a saved optimizer state into the shards of `optimizer`'s params.
+
+    Parameters are matched by their index across the param groups, the numbering that
+    `Optimizer.state_dict` uses. Returns `state` unchanged when no parameter is sharded.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = [param for group in optimizer.param_groups for param in group["params"]]
+    if not any(isinstance(param, DTensor) for param in params):
+        return state
+    sharded = {}
+    for index, values in state["state"].items():
+        param = params[index]
+        sharded[index] = {
+            key: (distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
+                                    src_data_rank=None)
+                  if torch.is_tensor(value) and value.shape == param.shape else value)
+            for key, value in values.items()}
+    return {**state, "state": sharded}
+
+
+def _is_dtensor(value: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
+
+
+def skip_gradient_sync(model: torch.nn.Module) -> contextlib.AbstractContextManager:
+    """Return a context for a micro-batch whose gradients need not be synchronized yet.
+
+    DDP skips its all-reduce until the last micro-batch of a step. FSDP reduce-scatters every
+    micro-batch anyway: skipping would keep the full-size gradients of every layer on each rank,
+    which is the memory that sharding saves.
+    """
+    if is_sharded(model):
+        return contextlib.nullcontext()
+    return model.no_sync()
+
+
+def batches_for_rank(batches: Iterable[T], info: DistInfo,
+                     lockstep: bool = False) -> Iterator[tuple[T, bool]]:
+    """Yield (batch, counted) for this rank's share of `batches`: those at rank, rank + N, ...
+
+    With `lockstep` (FSDP, whose every forward is a collective) all ranks run the same number
+    of forward passes: a rank whose share is shorter repeats the first batch with counted=False,
+    and its result must be ignored.
+    """
+    if not lockstep:
+        for index, batch in enumerate(batches):
+            if index % info.world_size == info.rank:
+                yield batch, True
+        return
+    items = list(batches)
+    rounds = -(-len(items) // info.world_size)
+    for round_index in range(rounds):
+        index = round_index * info.world_size + info.rank
+        if index < len(items):
+            yield items[index], True
+        else:
+            yield items[0], False

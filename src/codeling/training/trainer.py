@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from codeling.config import RunConfig
+from codeling.errors import ConfigError
 from codeling.models import lora
 from codeling.training import checkpoint as ckpt
 from codeling.training import distributed
+from codeling.training import loggers
 from codeling.training.distributed import DistInfo
 from codeling.training.device import autocast, peak_flops
 from codeling.training.optim import build_optimizer, lr_at
@@ -100,7 +102,17 @@ class Trainer:
                  dist: DistInfo | None = None):
         self.model = model  # unwrapped: checkpoints and model methods use it
         self.dist = dist or DistInfo(device=device)
-        self.ddp_model = distributed.wrap_model(model, self.dist)  # forward and backward
+        if (config.train.activation_checkpointing and config.train.compile
+                and model.config.resolved_ffn() == "moe"):
+            # torch.compile cannot trace the context that keeps a MoE layer's recomputation
+            # from counting its routing twice.
+            raise ConfigError(["train.activation_checkpointing=true with train.compile=true is "
+                               "not supported for MoE models; set one of them to false"])
+        model.activation_checkpointing = config.train.activation_checkpointing
+        # Forward and backward; with FSDP, the model itself, sharded in place.
+        self.ddp_model = distributed.wrap_model(model, self.dist, config.train.distributed)
+        loggers.check_installed(config.train.log_to)
+        self.trackers: loggers.Trackers | None = None
         self.config = config
         self.train = config.train
         self.loader = train_loader
@@ -134,7 +146,8 @@ class Trainer:
         """Return the step counters, optimizer, global loader position and this rank's RNG."""
         return {
             "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed,
-            "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+            "optimizer": distributed.full_optimizer_state(self.optimizer.state_dict()),
+            "loader": self.loader.state_dict(),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                     "python": random.getstate()},
             # Adapters, so a resumed LoRA run continues from them (the weights are merged).
@@ -143,7 +156,8 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(
+            distributed.shard_optimizer_state(state["optimizer"], self.optimizer))
         self.loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
@@ -153,12 +167,14 @@ class Trainer:
         """Write a checkpoint on rank 0, wait for it on every rank, and return its path.
 
         The weights, optimizer and loader state are the same on every rank, so rank 0's copy
-        is the whole checkpoint. The RNG state saved is rank 0's.
+        is the whole checkpoint. The RNG state saved is rank 0's. Under FSDP every rank first
+        takes part in gathering the shards into full tensors.
         """
         path = self.stage_dir / "checkpoints" / ckpt.checkpoint_name(self.step)
+        model, state = distributed.full_model(self.model), self.state_dict()
         if self.dist.is_main:
-            path = ckpt.save_checkpoint(self.stage_dir, self.step, self.model, self.config,
-                                        self.state_dict(), self.tokenizer_dir,
+            path = ckpt.save_checkpoint(self.stage_dir, self.step, model, self.config,
+                                        state, self.tokenizer_dir,
                                         self.tokenizer_fingerprint,
                                         keep=self.train.keep_checkpoints)
             log.info("saved checkpoint %s", path)
@@ -198,7 +214,7 @@ class Trainer:
     def _sync_context(self, micro_step: int) -> contextlib.AbstractContextManager:
         """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
         if self.dist.enabled and micro_step < self.train.grad_accum - 1:
-            return self.ddp_model.no_sync()
+            return distributed.skip_gradient_sync(self.ddp_model)
         return contextlib.nullcontext()
 
     def train_step(self) -> tuple[float, float]:
@@ -236,17 +252,19 @@ class Trainer:
 
         The mean is over batches. Under DDP rank r evaluates batches r, r + world_size, ...
         and the sums are all-reduced, so every rank returns the same result. Call it on
-        every rank.
+        every rank. Under FSDP the ranks run the same number of forward passes.
         """
         self.model.eval()
+        lockstep = distributed.is_sharded(self.model)
         results = {}
         for split in self.val_splits:
             loss_sum, batch_count = 0.0, 0
-            for index, (inputs, targets) in enumerate(split.batches()):
-                if index % self.dist.world_size != self.dist.rank:
-                    continue
-                loss_sum += self._loss(inputs.to(self.device), targets.to(self.device)).item()
-                batch_count += 1
+            for (inputs, targets), counted in distributed.batches_for_rank(
+                    split.batches(), self.dist, lockstep):
+                loss = self._loss(inputs.to(self.device), targets.to(self.device)).item()
+                if counted:
+                    loss_sum += loss
+                    batch_count += 1
             loss_sum, batch_count = distributed.all_reduce([loss_sum, batch_count])
             if batch_count:
                 mean = loss_sum / batch_count
@@ -268,6 +286,8 @@ class Trainer:
             return
         with self.metrics_path.open("a") as handle:
             handle.write(json.dumps(record) + "\n")
+        if self.trackers is not None:
+            self.trackers.write(record)
 
     def fit(self, stop_at_step: int | None = None) -> TrainResult:
         """Train until a budget runs out; return the final metrics and checkpoint.
@@ -282,6 +302,9 @@ class Trainer:
             log.info("MFU is measured against %.1f TFLOP/s per device (%s)", peak / 1e12,
                      peak_source)
         peak *= self.dist.world_size  # the token rate below counts the global batch
+        if self.dist.is_main and self.train.log_to:
+            self.trackers = loggers.open_trackers(self.train.log_to, self.stage_dir,
+                                                  self.config, self.step)
         self.model.train()
         window_start, window_tokens = time.perf_counter(), 0
         loss, stop_reason, val = float("nan"), "", {}
@@ -333,6 +356,9 @@ class Trainer:
         path = self.save() if self.step > 0 else None
         self._write_metrics({"step": self.step, "peak_memory_mb": peak_memory_mb(self.device),
                              "stop_reason": stop_reason})
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
         if interrupted:
             log.info("resume with the same command plus --resume")
         if self.dist.is_main:
