@@ -86,6 +86,38 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
                        help="conversations in val.jsonl (default: 500)")
     tools.add_argument("--test-examples", type=int, default=300,
                        help="conversations in each of the two test files (default: 300)")
+    _add_data_preferences(actions)
+
+
+def _add_data_preferences(actions: argparse._SubParsersAction) -> None:
+    parser = actions.add_parser(
+        "preferences", help="build preference pairs whose labels are checked by running code "
+        "and validating tool calls",
+        description="Write train.jsonl, test.jsonl (held-out code tasks and tool phrasings) and "
+        "manifest.json. Code pairs: the chosen response passes the task's tests in the sandbox "
+        "and the rejected one fails, taken from the model's own samples where it produces both "
+        "and from mutations of the reference solution otherwise. Tool pairs: the correct call "
+        "against a wrong tool, a missing or changed argument, a value that breaks the schema, "
+        "or a call where none is needed.")
+    parser.add_argument("--run", required=True,
+                        help="run directory; its tool conversations are used (generated if "
+                        "missing)")
+    parser.add_argument("--out", required=True,
+                        help="output directory; must not exist or must be empty")
+    parser.add_argument("--checkpoint", default="",
+                        help="checkpoint or stage directory whose model is sampled (default: "
+                        "the run's latest checkpoint)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for sampling and mutations (default: 0)")
+    parser.add_argument("--samples", type=int, default=4,
+                        help="responses sampled per code task (default: 4)")
+    parser.add_argument("--code-limit", type=int, default=0,
+                        help="code tasks used per split; 0 = all (default: 0)")
+    parser.add_argument("--tool-train", type=int, default=800,
+                        help="tool pairs in train.jsonl (default: 800)")
+    parser.add_argument("--tool-test", type=int, default=200,
+                        help="tool pairs in test.jsonl (default: 200)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
 
 def _add_train(commands: argparse._SubParsersAction) -> None:
@@ -162,7 +194,8 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run directory, stage directory or checkpoint directory")
     parser.add_argument("--suite", default="bpb,syntax,humaneval",
-                        help="comma-separated suites: bpb, syntax, humaneval, tools "
+                        help="comma-separated suites: bpb, syntax, humaneval, tools, "
+                        "preferences, execution "
                         "(default: bpb,syntax,humaneval)")
     parser.add_argument("--humaneval-samples", type=int, default=10,
                         help="completions sampled per HumanEval problem (default: 10)")
@@ -227,6 +260,18 @@ def _run(args: argparse.Namespace) -> int:
                                          args.val_examples, args.test_examples)
         for line in format_summary(manifest, args.out):
             print(line)
+    elif args.command == "data" and args.action == "preferences":
+        from codeling.data.preference_builder import (BuildSettings, build_preference_dataset,
+                                                      format_manifest)
+
+        settings = BuildSettings(seed=args.seed, samples=args.samples, code_limit=args.code_limit,
+                                 tool_train=args.tool_train, tool_test=args.tool_test,
+                                 device=args.device)
+        manifest = build_preference_dataset(Path(args.run), Path(args.out),
+                                            args.checkpoint or args.run, settings)
+        for line in format_manifest(manifest):
+            print(line)
+        print(f"preference pairs: {args.out}")
     elif args.command == "data":
         from codeling.stages.commands import prepare_data_command
 

@@ -208,6 +208,15 @@ class TrainConfig:
                             "preference optimization on preference pairs; grpo = online RL "
                             "with rewards from running sampled code against unit tests",
                             choices=["lm", "sft", "dpo", "grpo"])
+    beta: float = option(0.1, "dpo: strength of the pull towards the reference model; the "
+                         "implicit reward is beta times the policy/reference log-ratio",
+                         min=0.0, exclusive_min=True)
+    dpo_loss: str = option("sigmoid", "dpo: sigmoid = the DPO loss (with label_smoothing, "
+                           "conservative DPO); ipo = the IPO squared loss",
+                           choices=["sigmoid", "ipo"])
+    label_smoothing: float = option(0.0, "dpo: assumed probability that a preference label is "
+                                    "flipped (conservative DPO); sigmoid loss only", min=0.0,
+                                    max=0.5)
     lora_rank: int = option(0, "rank of LoRA adapters on the lora_targets layers, which freezes "
                             "the rest; 0 = train every weight", min=0)
     lora_alpha: float = option(16.0, "LoRA scale numerator: updates are scaled by alpha / rank",

@@ -7,9 +7,16 @@ Suites:
     humaneval  pass@1 and pass@10 on HumanEval, completions executed in `codeling.sandbox`
     tools      function calling on the run's held-out tool conversations (see
                `codeling.evaluation.tools`), with and without constrained decoding
+    preferences  share of held-out preference pairs whose chosen response the model finds more
+               likely, and DPO reward accuracy for a DPO-tuned checkpoint (see
+               `codeling.evaluation.preferences`)
+    execution  pass rate of sampled code on the held-out code tasks, tests run in
+               `codeling.sandbox` (see `codeling.evaluation.execution`)
 
 The report card `report.md` has one row per training stage (its budget and final validation
 losses), links each stage's loss plot, and lists the suites' results for the final checkpoint.
+When a run has an rlhf stage, the tools stage gets the chat suites and HumanEval too, so the
+report shows them before and after preference tuning.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ from codeling.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-SUITES = ["bpb", "syntax", "humaneval", "tools"]
+SUITES = ["bpb", "syntax", "humaneval", "tools", "preferences", "execution"]
 # Suites that need a model tuned for chat; earlier stages are not scored on them.
-CHAT_SUITES = ("tools",)
+CHAT_SUITES = ("tools", "preferences", "execution")
 CHAT_STAGES = ("tools", "rlhf")
 TRAINING_STAGES = ("language", "code", "tools", "rlhf", "train", "quickstart")
 
@@ -50,7 +57,8 @@ class EvalConfig:
     """Settings of the evaluation suites."""
 
     suites: list[str] = option(["bpb", "syntax", "humaneval"],
-                               "suites to run: bpb, syntax, humaneval, tools", choices=SUITES)
+                               "suites to run: bpb, syntax, humaneval, tools, preferences, "
+                               "execution", choices=SUITES)
     humaneval_samples: int = option(10, "completions sampled per HumanEval problem; pass@10 "
                                     "needs at least 10", min=1)
     humaneval_limit: int = option(0, "evaluate only the first N HumanEval problems; 0 = all",
@@ -63,6 +71,12 @@ class EvalConfig:
                               min=0)
     tools_data: str = option("", "folder with test_seen.jsonl and test_unseen.jsonl; empty = "
                              "the run's data/tool-conversations")
+    preferences_data: str = option("", "JSONL file of held-out preference pairs; empty = the "
+                                   "run's data/preferences/test.jsonl")
+    preferences_limit: int = option(0, "held-out preference pairs scored; 0 = all", min=0)
+    execution_samples: int = option(4, "responses sampled per held-out code task", min=1)
+    execution_limit: int = option(0, "score only the first N held-out code tasks; 0 = all",
+                                  min=0)
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
 
@@ -176,6 +190,14 @@ def write_report(run_dir: Path) -> Path:
             from codeling.evaluation.tools import report_section
 
             lines += report_section(stage, result["tools"])
+        if "preferences" in result:
+            from codeling.evaluation.preferences import report_section as preference_section
+
+            lines += preference_section(stage, result["preferences"])
+        if "execution" in result:
+            from codeling.evaluation.execution import report_section as execution_section
+
+            lines += execution_section(stage, result["execution"])
     path = run_dir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -257,6 +279,20 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
         data_dir = Path(config.tools_data) if config.tools_data else tool_dataset_dir(run_dir)
         results["tools"] = evaluate_tool_calls(generator, data_dir, limit=config.tools_limit,
                                                max_new_tokens=min(config.max_new_tokens, 160))
+    if "preferences" in config.suites:
+        from codeling.data.preferences import preference_dataset_dir
+        from codeling.evaluation.preferences import evaluate_preferences
+
+        data_file = Path(config.preferences_data) if config.preferences_data else \
+            preference_dataset_dir(run_dir) / "test.jsonl"
+        results["preferences"] = evaluate_preferences(generator, data_file, checkpoint,
+                                                      limit=config.preferences_limit)
+    if "execution" in config.suites:
+        from codeling.evaluation.execution import evaluate_execution
+
+        results["execution"] = evaluate_execution(
+            generator, samples=config.execution_samples, temperature=config.temperature,
+            max_new_tokens=min(config.max_new_tokens, 128), limit=config.execution_limit)
     results["seconds"] = time.perf_counter() - started
     return results
 
@@ -285,7 +321,8 @@ def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
 
 def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
     """Run the pipeline's eval stage, unless done: every suite on the last training stage and
-    bits per byte on the earlier ones, so the report shows what each stage changed."""
+    bits per byte on the earlier ones, so the report shows what each stage changed. With an
+    rlhf stage, the tools stage also gets HumanEval and the chat suites, as the baseline."""
     done = run_dir / "eval" / "done.json"
     if done.is_file():
         log.info("stage eval: done (%s exists), skipping", done)
@@ -298,6 +335,8 @@ def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
     for stage in stages:
         checkpoint = ckpt.latest_checkpoint(run_dir / stage)
         suites = config.suites if stage == stages[-1] else [s for s in config.suites if s == "bpb"]
+        if stage == "tools" and "rlhf" in stages and stage != stages[-1]:
+            suites = [s for s in config.suites if s in ("bpb", "humaneval", *CHAT_SUITES)]
         if stage not in CHAT_STAGES:
             suites = [s for s in suites if s not in CHAT_SUITES]
         if not suites:

@@ -31,6 +31,7 @@ import yaml
 from codeling.config import (RunConfig, apply_overrides, config_from_dict, config_to_dict,
                              load_yaml)
 from codeling.data import chat_data
+from codeling.data.preferences import is_preference_source
 from codeling.errors import CodelingError, ConfigError
 from codeling.stages import pretrain
 from codeling.training import checkpoint as ckpt
@@ -38,8 +39,8 @@ from codeling.training import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 # Stages in the order they run. Training stages take a run config; the others do not.
-STAGE_ORDER = ("tokenizer", "data", "language", "code", "tools", "eval")
-TRAINING_STAGES = ("language", "code", "tools")
+STAGE_ORDER = ("tokenizer", "data", "language", "code", "tools", "rlhf", "eval")
+TRAINING_STAGES = ("language", "code", "tools", "rlhf")
 
 
 def deep_merge(base: dict, changes: dict) -> dict:
@@ -136,8 +137,8 @@ def _tokenizer_sources(plan: Plan) -> list[str]:
         return list(plan.base.tokenizer.sources)
     specs: list[str] = []
     for config in plan.configs.values():
-        specs += [s for s in config.data.sources
-                  if s not in specs and not chat_data.is_chat_source(s)]
+        specs += [s for s in config.data.sources if s not in specs
+                  and not chat_data.is_chat_source(s) and not is_preference_source(s)]
     return specs
 
 
@@ -166,6 +167,10 @@ def run_data_stage(plan: Plan) -> None:
     for name, config in plan.configs.items():
         config = copy.deepcopy(config)
         chat_specs = [s for s in config.data.sources if chat_data.is_chat_source(s)]
+        if config.train.objective in ("dpo", "grpo"):
+            # Preference pairs and RL prompts come from the previous stage's model, so they
+            # are built when their stage starts.
+            continue
         if chat_specs:
             # Conversations are rendered when their stage starts; generate the synthetic set now.
             if chat_data.TOOL_CONVERSATIONS in chat_specs:

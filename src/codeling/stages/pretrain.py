@@ -33,7 +33,7 @@ from codeling.models import lora
 from codeling.models.decoder import CodeModel
 from codeling.tokenizer import Tokenizer, bytes_per_token, train_tokenizer
 from codeling.training import checkpoint as ckpt
-from codeling.training import distributed
+from codeling.training import distributed, dpo
 from codeling.training import memory
 from codeling.training.device import resolve_device, use_bf16
 from codeling.training.trainer import Trainer, TrainResult, ValidationSplit
@@ -334,16 +334,19 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
                             "data.replay_sources is empty; name the sources to replay or set 0")
     check_sources(config.data.replay_sources)
     sft = config.train.objective == "sft"
+    preference = config.train.objective == "dpo"
     finetune.check_objective(config)
+    if preference:
+        dpo.check_config(config)
     if dist.is_main:
         if not (run_dir / "tokenizer" / "tokenizer.json").is_file() and not config.tokenizer.path:
-            if sft:
+            if sft or preference:
                 raise CodelingError(f"{run_dir / 'tokenizer'} has no tokenizer; fine-tuning "
                                     "starts from an earlier stage of the same run, so run the "
                                     "language or code stage first or set tokenizer.path")
             config.tokenizer.sources = resolve_sources(config.tokenizer.sources,
                                                        config.data.fallback_sources)
-        if not sft:
+        if not (sft or preference):
             config.data.sources = resolve_sources(config.data.sources,
                                                   config.data.fallback_sources)
     # Every rank uses rank 0's choice, so a hub that only one rank can reach changes nothing.
@@ -368,6 +371,11 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         loader, val_splits = distributed.main_first(
             lambda: finetune.build_sft_loaders(config, run_dir, tokenizer, dist.rank,
                                                dist.world_size), "preparing the conversations")
+    elif preference:
+        loader, val_splits = distributed.main_first(
+            lambda: dpo.build_preference_loaders(config, run_dir, tokenizer,
+                                                 find_init_checkpoint(config), dist.rank,
+                                                 dist.world_size), "building the preference pairs")
     else:
         data = distributed.main_first(lambda: ensure_data(config, run_dir, tokenizer),
                                       "preparing the data shards")
@@ -386,8 +394,11 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         log.info("LoRA rank %d on %d layers (%s): %.3fM trainable parameters",
                  config.train.lora_rank, len(layers),
                  ", ".join(sorted({name.rsplit(".", 1)[-1] for name in layers})), trainable / 1e6)
+    loss_hook = None
+    if preference:  # the frozen reference is the init_from checkpoint, on resume too
+        loss_hook = dpo.build_dpo_loss(config, model, find_init_checkpoint(config), device, bf16)
     trainer = Trainer(model, config, loader, val_splits, stage_dir, run_dir / "tokenizer",
-                      tokenizer.fingerprint, device, bf16, dist=dist)
+                      tokenizer.fingerprint, device, bf16, dist=dist, loss_hook=loss_hook)
     if checkpoint is not None:
         restore(trainer, model, checkpoint, tokenizer, config)
     elif init_checkpoint is not None and not config.train.lora_rank:

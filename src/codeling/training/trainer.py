@@ -17,6 +17,7 @@ import logging
 import math
 import random
 import contextlib
+import functools
 import signal
 import sys
 import time
@@ -94,12 +95,17 @@ class Trainer:
 
     `dist` places this process in a data-parallel job (default: a single process). The
     loader must already be built for the same rank and world size.
+
+    `loss_hook` replaces the next-token loss with another objective (DPO): it is called as
+    `loss_hook(model, inputs, targets)` with the DDP-wrapped model and returns (objective to
+    differentiate, loss to log), and `loss_hook.step_metrics()`, called on every rank after each
+    optimizer step, returns extra metrics for the log line and metrics.jsonl.
     """
 
     def __init__(self, model: torch.nn.Module, config: RunConfig, train_loader, val_splits:
                  list[ValidationSplit], stage_dir: Path, tokenizer_dir: Path,
                  tokenizer_fingerprint: str, device: torch.device, bf16: bool,
-                 dist: DistInfo | None = None):
+                 dist: DistInfo | None = None, loss_hook=None):
         self.model = model  # unwrapped: checkpoints and model methods use it
         self.dist = dist or DistInfo(device=device)
         if (config.train.activation_checkpointing and config.train.compile
@@ -131,6 +137,10 @@ class Trainer:
         self.total_steps = self._total_steps()
         # Compiling forward and loss together lets the compiler fuse the cross-entropy too.
         self.loss_fn = torch.compile(self._train_loss) if self.train.compile else self._train_loss
+        self.loss_hook = loss_hook
+        if loss_hook is not None:
+            self.loss_fn = functools.partial(loss_hook, self.ddp_model)  # runs eagerly
+        self.step_metrics: dict[str, float] = {}
         self.has_moe = model.config.resolved_ffn() == "moe"
         self.metrics_path = self.stage_dir / "metrics.jsonl"
 
@@ -234,6 +244,8 @@ class Trainer:
                 (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
         total_loss = distributed.all_reduce_mean(total_loss)
+        if self.loss_hook is not None:
+            self.step_metrics = self.loss_hook.step_metrics()
         if self.train.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         else:
@@ -401,7 +413,10 @@ class Trainer:
                  100 * mfu, format_duration(self.elapsed), format_duration(eta))
         record = {"step": self.step, "loss": loss, "lr": lr, "grad_norm": norm,
                   "tokens": self.tokens, "tokens_per_s": tokens_per_s, "mfu": mfu,
-                  "elapsed": self.elapsed}
+                  "elapsed": self.elapsed, **self.step_metrics}
+        if self.step_metrics:
+            log.info("step %d | %s", self.step, " | ".join(
+                f"{name} {value:.4g}" for name, value in self.step_metrics.items()))
         if self.has_moe:
             loads = self.model.expert_loads()
             record["moe_aux_loss"] = float(self.model.auxiliary_loss().detach())
