@@ -222,6 +222,8 @@ def run_bpb(generator: Generator, run_dir: Path, config: EvalConfig) -> dict:
         if not (data_dir / "manifest.json").is_file():
             continue
         manifest = read_manifest(data_dir)
+        if "tokenizer_fingerprint" not in manifest:
+            continue  # not token shards (for example the tool conversations)
         if manifest["tokenizer_fingerprint"] != fingerprint or not manifest["splits"]["val"]["tokens"]:
             continue
         result = evaluate_prepared_source(

@@ -173,8 +173,9 @@ def run_data_stage(plan: Plan) -> None:
             continue
         if chat_specs:
             # Conversations are rendered when their stage starts; generate the synthetic set now.
-            if chat_data.TOOL_CONVERSATIONS in chat_specs:
-                chat_data.ensure_tool_dataset(plan.run_dir)
+            for spec in chat_specs:
+                if chat_data.chat_source_name(spec) == chat_data.TOOL_CONVERSATIONS:
+                    chat_data.ensure_tool_dataset(plan.run_dir, chat_data.tool_examples_of(spec))
             config.data.sources = []
         else:
             config.data.sources = pretrain.resolve_sources(config.data.sources,

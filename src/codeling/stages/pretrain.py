@@ -258,6 +258,11 @@ def restore(trainer: Trainer, model: CodeModel, checkpoint: Path, tokenizer: Tok
         raise CheckpointError(f"checkpoint {checkpoint} has another model shape (model.{changed[0]}"
                               f" is {saved_model[changed[0]]!r} there); resume with the same "
                               "model settings")
+    for key in ("lora_rank", "lora_alpha", "lora_targets"):
+        saved, ours = getattr(loaded.config.train, key), getattr(config.train, key)
+        if (config.train.lora_rank or loaded.config.train.lora_rank) and saved != ours:
+            raise CheckpointError(f"checkpoint {checkpoint} was trained with train.{key} = "
+                                  f"{saved!r}, not {ours!r}; resume with the same LoRA settings")
     state = ckpt.load_trainer_state(checkpoint)
     if lora.has_lora(model):
         # The checkpoint's weights have the adapters merged in; the model already holds the
