@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -246,15 +247,23 @@ def test_tool_pairs_are_wrong_as_labelled(tool_dir):
 
     records = read_conversations(tool_dir / "train.jsonl")
     pairs = builder.tool_pairs(records, 100, random.Random(0))
-    kinds = {pair.kind for pair in pairs}
-    assert kinds == {f"tool/{kind}" for kind in (*builder.TOOL_CALL_KINDS, "unneeded_call")}
+    kinds = Counter(pair.kind for pair in pairs)
+    assert set(kinds) == {f"tool/{kind}" for kind in (*builder.TOOL_CALL_KINDS, "unneeded_call",
+                                                      "missing_call")}
+    # The two kinds that decide whether a turn starts with a call are balanced.
+    assert abs(kinds["tool/missing_call"] - kinds["tool/unneeded_call"]) <= 1
     for pair in pairs:
         assert pair.origin == {"chosen": "data", "rejected": "mutation"}
         chosen_calls = pair.chosen.get("tool_calls") or []
-        rejected_calls = pair.rejected["tool_calls"]
+        rejected_calls = pair.rejected.get("tool_calls") or []
+        kind = pair.kind.split("/")[1]
+        if kind == "missing_call":
+            assert chosen_calls
+            assert not rejected_calls
+            assert pair.rejected["content"]
+            continue
         assert all(not validate_call(call, pair.tools) for call in chosen_calls)
         problems = [validate_call(call, pair.tools) for call in rejected_calls]
-        kind = pair.kind.split("/")[1]
         if kind in ("missing_argument", "invalid_value"):
             assert any(problems)
         else:

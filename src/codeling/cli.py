@@ -98,7 +98,8 @@ def _add_data_preferences(actions: argparse._SubParsersAction) -> None:
         "and the rejected one fails, taken from the model's own samples where it produces both "
         "and from mutations of the reference solution otherwise. Tool pairs: the correct call "
         "against a wrong tool, a missing or changed argument, a value that breaks the schema, "
-        "or a call where none is needed.")
+        "or a text reply where a call is needed; a plain reply against a call where none is "
+        "needed.")
     parser.add_argument("--run", required=True,
                         help="run directory; its tool conversations are used (generated if "
                         "missing)")

@@ -8,8 +8,9 @@ it produces both, and from controlled mutations of the reference solution otherw
 
 Tool pairs come from the run's synthetic tool conversations: the data's correct first turn is
 chosen over a turn that calls the wrong tool, leaves out a required argument, changes an
-argument, gives a value that breaks the schema, or calls a tool where none is needed. Each
-rejected turn is checked with `codeling.inference.tool_calls.validate_call`.
+argument, gives a value that breaks the schema, calls a tool where none is needed, or replies in
+text where a call is needed. Each rejected call is checked with
+`codeling.inference.tool_calls.validate_call`.
 
 Every pair records its kind (what is wrong with the rejected response) and the origin of each
 side (model, reference, mutation or data), and the manifest counts both.
@@ -315,13 +316,15 @@ def _rejection_holds(kind: str, wrong: Mapping[str, Any], right: Mapping[str, An
     return wrong != right
 
 
-def tool_pair(record: Mapping[str, Any], rng: random.Random, kind: str | None = None
-              ) -> PreferencePair | None:
+def tool_pair(record: Mapping[str, Any], rng: random.Random, kind: str | None = None,
+              text_replies: Sequence[str] = ()) -> PreferencePair | None:
     """Build one verified pair from a tool conversation's first assistant turn.
 
     A turn with calls gets a rejected turn with one call changed, by `kind` or by a random
-    kind that applies. A turn without calls (a plain response or a clarifying question) gets a
-    rejected turn that calls a listed tool anyway. Returns None when no kind applies.
+    kind that applies. With kind `missing_call`, the rejected turn is instead a text reply from
+    `text_replies` that calls nothing. A turn without calls (a plain response or a clarifying
+    question) gets a rejected turn that calls a listed tool anyway. Returns None when no kind
+    applies.
     """
     from codeling.inference.tool_calls import validate_call
 
@@ -342,6 +345,11 @@ def tool_pair(record: Mapping[str, Any], rng: random.Random, kind: str | None = 
         if validate_call(rejected["tool_calls"][0], tools):
             return None
         return _tool_record(record, prompt, chosen, rejected, tools, "unneeded_call")
+    if kind == "missing_call":
+        if not text_replies:
+            return None
+        rejected = {"role": "assistant", "content": rng.choice(list(text_replies))}
+        return _tool_record(record, prompt, chosen, rejected, tools, "missing_call")
     kinds = [kind] if kind else rng.sample(TOOL_CALL_KINDS, len(TOOL_CALL_KINDS))
     for candidate in kinds:
         position = rng.randrange(len(calls))
@@ -366,16 +374,35 @@ def _tool_record(record: Mapping[str, Any], prompt: list[dict[str, Any]], chosen
 
 def tool_pairs(records: Sequence[Mapping[str, Any]], limit: int, rng: random.Random
                ) -> list[PreferencePair]:
-    """Build up to `limit` verified tool pairs from conversations, in a seeded random order."""
+    """Build up to `limit` verified tool pairs from conversations, in a seeded random order.
+
+    A pair whose responses share their first tokens trains nothing there, so only two kinds
+    decide whether a turn starts with a call: `unneeded_call` (a call is rejected) and
+    `missing_call` (a text reply is rejected). Turns that need a call get `missing_call`
+    whenever it has fewer pairs than `unneeded_call`, so the two pull equally and the tuned
+    model keeps calling tools. The text replies are the data's own first turns without calls.
+    """
+    text_replies = []
+    for record in records:
+        found = first_assistant_turn(record)
+        if found is not None and not found[1].get("tool_calls") and found[1].get("content"):
+            text_replies.append(found[1]["content"])
     order = list(range(len(records)))
     rng.shuffle(order)
-    pairs = []
+    pairs: list[PreferencePair] = []
+    counts: Counter = Counter()
     for index in order:
         if len(pairs) >= limit:
             break
-        pair = tool_pair(records[index], rng)
+        kind = None
+        if counts["tool/missing_call"] < counts["tool/unneeded_call"]:
+            kind = "missing_call"
+        pair = tool_pair(records[index], rng, kind, text_replies)
+        if pair is None and kind is not None:
+            pair = tool_pair(records[index], rng, None, text_replies)
         if pair is not None:
             pairs.append(pair)
+            counts[pair.kind] += 1
     return pairs
 
 
@@ -502,12 +529,9 @@ def build_preference_dataset(run_dir: str | Path, out_dir: str | Path, checkpoin
 
     Code pairs come from `codeling.data.code_tasks`: the train split for train.jsonl and the
     held-out test split for test.jsonl. A chosen response passes the task's tests in the sandbox
-    and a rejected one fails them (syntax error, wrong result, timeout or another error); see
-    `code_pairs`. Tool pairs come from the run's synthetic tool conversations (train.jsonl for
-    training, test_seen.jsonl held out): the chosen turn is the data's correct call or response,
-    the rejected one calls the wrong tool, drops a required argument, changes an argument, gives
-    a value that breaks the schema, or calls a tool where none is needed; `validate_call`
-    checks each. The model is the checkpoint's, sampled with `settings.seed`. The files go to a
+    and a rejected one fails them (syntax error, wrong result, timeout or another error), as
+    `code_pairs` describes. Tool pairs come from the run's synthetic tool conversations
+    (train.jsonl for training, test_seen.jsonl held out), as `tool_pairs` describes. The model is the checkpoint's, sampled with `settings.seed`. The files go to a
     temporary directory that is renamed into place, so `out_dir` is complete or absent.
     """
     from codeling.data.chat_data import (ensure_tool_dataset, read_conversations,

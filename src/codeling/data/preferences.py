@@ -330,8 +330,12 @@ def render_completion(prompt: Sequence[Mapping[str, Any]], response: Mapping[str
 
 
 def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, max_len: int,
-                   name: str, allow_empty: bool = False) -> list[PairExample]:
-    """Render pairs to examples; drop pairs whose longer side exceeds max_len tokens."""
+                   name: str, allow_empty: bool = False,
+                   fix: str = "raise train.seq_len to keep them") -> list[PairExample]:
+    """Render pairs to examples; drop pairs whose longer side exceeds max_len tokens.
+
+    `fix` ends the warning about dropped pairs and the error when none fits.
+    """
     examples, too_long = [], 0
     for index, pair in enumerate(pairs):
         try:
@@ -349,11 +353,10 @@ def tokenize_pairs(pairs: Sequence[PreferencePair], tokenizer: Tokenizer, max_le
             np.asarray(rejected_ids, dtype=np.int32), np.asarray(rejected_mask, dtype=np.uint8),
             pair.kind))
     if too_long:
-        log.warning("%s: dropped %d of %d pairs longer than %d tokens; raise train.seq_len to "
-                    "keep them", name, too_long, len(pairs), max_len)
+        log.warning("%s: dropped %d of %d pairs longer than %d tokens; %s", name, too_long,
+                    len(pairs), max_len, fix)
     if not examples and not allow_empty:
-        raise CodelingError(f"{name}: no preference pair fits in {max_len} tokens; raise "
-                            "train.seq_len")
+        raise CodelingError(f"{name}: no preference pair fits in {max_len} tokens; {fix}")
     return examples
 
 

@@ -93,7 +93,9 @@ def evaluate_preferences(generator: Generator, data_file: Path, checkpoint: Path
     pairs = preferences.read_preferences(data_file)[:limit or None]
     context = generator.model.config.max_seq_len
     # Pairs longer than the model's context are left out and counted.
-    examples = preferences.tokenize_pairs(pairs, generator.tokenizer, context, str(data_file))
+    examples = preferences.tokenize_pairs(
+        pairs, generator.tokenizer, context, str(data_file),
+        fix="they are not scored, because they do not fit the model's context")
     device, bf16 = generator.device, generator.bf16
     model = generator.model
     chosen, rejected, chosen_count, rejected_count = score_pairs(
