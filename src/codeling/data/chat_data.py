@@ -32,6 +32,7 @@ import torch
 
 from codeling import chat
 from codeling.data.loader import PackedLoader
+from codeling.data.sources import iter_json_lines
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -119,24 +120,11 @@ def ensure_tool_dataset(run_dir: Path, train_examples: int = DEFAULT_TOOL_EXAMPL
 def read_conversations(path: Path) -> list[dict[str, Any]]:
     """Read a JSONL file of conversations, naming the file and line of a bad record."""
     records = []
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise CodelingError(f"{path}:{number}: not UTF-8 text (byte {error.start}); "
-                                    "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CodelingError(f"{path}:{number}: invalid JSON ({error.msg}); each line must "
-                                    "be one conversation object") from None
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise CodelingError(f"{path}:{number}: expected an object with a \"messages\" "
-                                    "list (and optional \"tools\")")
-            records.append(record)
+    for number, record in iter_json_lines(path):
+        if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
+            raise CodelingError(f"{path}:{number}: expected an object with a \"messages\" "
+                                "list (and optional \"tools\")")
+        records.append(record)
     if not records:
         raise CodelingError(f"{path} has no conversations; add one JSON object per line")
     return records

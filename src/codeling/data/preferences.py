@@ -41,6 +41,7 @@ import torch
 
 from codeling import chat
 from codeling.data.chat_data import Example, examples_to_batch, iter_sft_eval_batches
+from codeling.data.sources import iter_json_lines
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -211,20 +212,11 @@ def read_preferences(path: str | Path) -> list[PreferencePair]:
                             '{"prompt", "chosen", "rejected"} object per line, or build one '
                             "with `codeling data preferences`")
     pairs = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CodelingError(f"{path}:{number}: invalid JSON ({error.msg} at column "
-                                    f"{error.colno}); each line must be one record") from None
-            try:
-                pairs.append(normalize_record(record))
-            except RecordError as error:
-                raise CodelingError(f"{path}:{number}: invalid preference record: {error}") \
-                    from None
+    for number, record in iter_json_lines(path):
+        try:
+            pairs.append(normalize_record(record))
+        except RecordError as error:
+            raise CodelingError(f"{path}:{number}: invalid preference record: {error}") from None
     if not pairs:
         raise CodelingError(f"{path} has no preference records; add one JSON object per line")
     return pairs

@@ -32,6 +32,7 @@ import stat
 import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from glob import glob
 from pathlib import Path
 
@@ -437,6 +438,27 @@ def _iter_file_texts(spec: str, paths: list[str]) -> Iterator[str]:
             skipped,
             len(paths),
         )
+
+
+def iter_json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (line number, decoded value) for each non-blank line of a JSONL file.
+
+    Raises CodelingError naming the file and line for text that is not UTF-8 or not JSON.
+    """
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise CodelingError(f"{path}:{number}: not UTF-8 text (byte {error.start}); "
+                                    "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as error:
+                raise CodelingError(f"{path}:{number}: invalid JSON ({error.msg} at column "
+                                    f"{error.colno}); each line must be one record") from None
 
 
 def _iter_jsonl(path: Path, field: str) -> Iterator[str]:

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from codeling.data.sources import iter_json_lines
 from codeling.data.tool_schemas import TOOLS, TOOLS_BY_NAME, Template, ToolDef, text_of
 from codeling.errors import CodelingError
 
@@ -691,22 +692,9 @@ def load_conversations(path: str | Path) -> list[dict[str, Any]]:
         raise CodelingError(f"conversation file not found: {path}; generate one with "
                             "`codeling data tools --out DIR`")
     records = []
-    with open(path, "rb") as lines:
-        for number, raw in enumerate(lines, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as error:
-                raise CodelingError(f"{path}:{number}: not UTF-8 text (byte {error.start}); "
-                                    "save the file as UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise CodelingError(f"{path}:{number}: invalid JSON ({error.msg} at column "
-                                    f"{error.colno}); each line must be one record") from None
-            problem = check_record(record)
-            if problem:
-                raise CodelingError(f"{path}:{number}: invalid conversation record: {problem}")
-            records.append(record)
+    for number, record in iter_json_lines(path):
+        problem = check_record(record)
+        if problem:
+            raise CodelingError(f"{path}:{number}: invalid conversation record: {problem}")
+        records.append(record)
     return records
