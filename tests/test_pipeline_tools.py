@@ -66,5 +66,5 @@ def test_tool_conversation_counts(tmp_path):
     with pytest.raises(CodelingError, match="at least 10"):
         chat_data.tool_examples_of("tool-conversations:many")
     chat_data.ensure_tool_dataset(tmp_path, 20)
-    with pytest.raises(CodelingError, match="holds 20 training conversations"):
+    with pytest.raises(CodelingError, match="contains 20 training conversations"):
         chat_data.ensure_tool_dataset(tmp_path, 30)

@@ -10,7 +10,7 @@ A conversation renders as (special tokens inserted by id, shown here as their st
 
 SYSTEM is the system message, followed, when tools are given, by a blank line, the header
 `# Tools` and one JSON object per tool (its name, description and JSON Schema `parameters`), one
-per line. An assistant turn holds optional text, then one `<|tool_call|>` and a JSON object
+per line. An assistant turn contains optional text, then one `<|tool_call|>` and a JSON object
 `{"name": ..., "arguments": {...}}` per call. Each tool result is a turn of its own, in the
 order of the calls. A generation prompt ends with `<|assistant|>`, and the model ends its turn
 with `<|end_turn|>`.

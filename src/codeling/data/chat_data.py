@@ -11,7 +11,7 @@ A chat source is one of:
 
 Each conversation is rendered with `codeling.chat.render_with_mask`. The loss covers only the
 tokens the assistant produces, so the targets of every other position are -100 (ignored by
-`cross_entropy`). Each row holds one conversation, padded on the right: all four architectures
+`cross_entropy`). Each row contains one conversation, padded on the right: all four architectures
 are causal, so padding after a sequence never changes the positions before it. Rows of a batch
 are padded to the longest one, rounded up to a multiple of `PAD_MULTIPLE` tokens, so a compiled
 model sees only a few shapes.
@@ -95,7 +95,7 @@ def ensure_tool_dataset(run_dir: Path, train_examples: int = DEFAULT_TOOL_EXAMPL
     """Generate the synthetic tool conversations of a run unless they exist; return the folder.
 
     Validation and test splits are a tenth of the training set, at most 500 and 300.
-    Raises CodelingError when the folder holds a set of another size.
+    Raises CodelingError when the folder contains a set of another size.
     """
     from codeling.data.tool_data import generate_tool_dataset
 
@@ -104,7 +104,7 @@ def ensure_tool_dataset(run_dir: Path, train_examples: int = DEFAULT_TOOL_EXAMPL
     if manifest_path.is_file():
         found = json.loads(manifest_path.read_text())["counts"]["train"]
         if found != train_examples:
-            raise CodelingError(f"{folder} holds {found} training conversations, not the "
+            raise CodelingError(f"{folder} contains {found} training conversations, not the "
                                 f"{train_examples} requested; request {TOOL_CONVERSATIONS}:"
                                 f"{found} or delete the folder to generate a new set")
         return folder
@@ -158,7 +158,7 @@ def tokenize_conversations(records: Sequence[dict[str, Any]], tokenizer: Tokeniz
                            max_len: int, name: str) -> list[Example]:
     """Render conversations to examples; drop those longer than max_len tokens, with a warning.
 
-    `max_len` is train.seq_len + 1: a row holds seq_len inputs and their next-token targets.
+    `max_len` is train.seq_len + 1: a row contains seq_len inputs and their next-token targets.
     """
     if not records:
         raise CodelingError(f"{name}: no conversations; add more, or lower data.val_fraction "

@@ -13,8 +13,8 @@ turn:
   names and argument values, in any order;
 - no_tool_precision and no_tool_recall: "needs no tool" as the positive class, over all turns.
 
-Splits: `test_seen` holds tools seen in training with phrasings that were not; `test_unseen`
-holds tools that never appeared in training.
+Splits: `test_seen` contains tools seen in training with phrasings that were not; `test_unseen`
+contains tools that never appeared in training.
 """
 
 from __future__ import annotations

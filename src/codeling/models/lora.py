@@ -92,7 +92,7 @@ def has_lora(model: nn.Module) -> bool:
 def merged_copy(model: nn.Module) -> nn.Module:
     """Return a copy of the model with each adapter merged into a plain nn.Linear.
 
-    NOTE: the copy holds a second set of weights in memory while it exists.
+    NOTE: the copy keeps a second set of weights in memory while it exists.
     """
     plain = copy.deepcopy(model)
     for module in list(plain.modules()):

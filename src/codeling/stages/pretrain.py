@@ -265,7 +265,7 @@ def restore(trainer: Trainer, model: CodeModel, checkpoint: Path, tokenizer: Tok
                                   f"{saved!r}, not {ours!r}; resume with the same LoRA settings")
     state = ckpt.load_trainer_state(checkpoint)
     if lora.has_lora(model):
-        # The checkpoint's weights have the adapters merged in; the model already holds the
+        # The checkpoint's weights have the adapters merged in; the model already has the
         # starting weights, so only the adapters are loaded.
         if "lora" not in state:
             raise CheckpointError(f"checkpoint {checkpoint} was trained without LoRA; resume "
