@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from codeling import chat
-from codeling.data.loader import PackedLoader
+from codeling.data.loader import PackedLoader, check_loader_state
 from codeling.data.sources import iter_json_lines
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -286,12 +286,7 @@ class SFTLoader:
         """Restore a position saved by `state_dict`."""
         expected = {"version": STATE_VERSION, "kind": "sft", "seed": self.seed,
                     "examples": len(self.examples), "global_batch_size": self.global_batch_size}
-        mismatches = [f"{key} {state.get(key)!r} != {value!r}"
-                      for key, value in expected.items() if state.get(key) != value]
-        if mismatches:
-            raise CodelingError(f"loader state does not match this loader "
-                                f"({'; '.join(mismatches)}); resume with the same data, seed, "
-                                "seq_len and global batch size")
+        check_loader_state(state, expected, "data, seed, seq_len and global batch size")
         self._position = int(state["position"])
         self._steps = int(state["steps"])
         if self.replay is not None and state.get("replay") is not None:

@@ -43,6 +43,19 @@ def _windows_to_batch(
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 
+def check_loader_state(state: dict[str, Any], expected: dict[str, Any], same: str) -> None:
+    """Raise CodelingError listing each key where a saved loader state differs from `expected`.
+
+    `same` names what a resume has to keep, for example "data, seed, seq_len and global batch
+    size".
+    """
+    mismatches = [f"{key} {state.get(key)!r} != {value!r}"
+                  for key, value in expected.items() if state.get(key) != value]
+    if mismatches:
+        raise CodelingError(f"loader state does not match this loader ({'; '.join(mismatches)}); "
+                            f"resume with the same {same}")
+
+
 class PackedLoader:
     """An endless, seeded and resumable iterator over (x, y) batches of packed token windows.
 
@@ -204,16 +217,7 @@ class PackedLoader:
             "global_batch_size": self.global_batch_size,
             "window_counts": list(self.window_counts),
         }
-        mismatches = [
-            f"{key} {state.get(key)!r} != {value!r}"
-            for key, value in expected.items()
-            if state.get(key) != value
-        ]
-        if mismatches:
-            raise CodelingError(
-                f"loader state does not match this loader ({'; '.join(mismatches)}); "
-                "resume with the same data, seed, seq_len and global batch size"
-            )
+        check_loader_state(state, expected, "data, seed, seq_len and global batch size")
         self._epochs = list(state["epochs"])
         self._positions = list(state["positions"])
         self._steps = int(state["steps"])

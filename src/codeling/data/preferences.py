@@ -41,6 +41,7 @@ import torch
 
 from codeling import chat
 from codeling.data.chat_data import Example, examples_to_batch, iter_sft_eval_batches
+from codeling.data.loader import check_loader_state
 from codeling.data.sources import iter_json_lines
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -415,12 +416,7 @@ class PreferenceLoader:
         """Restore a position saved by `state_dict`."""
         expected = {"version": STATE_VERSION, "kind": "preferences", "seed": self.seed,
                     "pairs": len(self.examples), "global_batch_size": self.global_batch_size}
-        mismatches = [f"{key} {state.get(key)!r} != {value!r}"
-                      for key, value in expected.items() if state.get(key) != value]
-        if mismatches:
-            raise CodelingError(f"loader state does not match this loader "
-                                f"({'; '.join(mismatches)}); resume with the same pairs, seed, "
-                                "seq_len and global batch size")
+        check_loader_state(state, expected, "pairs, seed, seq_len and global batch size")
         self._position = int(state["position"])
 
 
