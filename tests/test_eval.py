@@ -40,3 +40,23 @@ def test_report_command_rewrites_card(trained_run, tmp_path, capsys):
 def test_eval_rejects_unknown_suite(trained_run, capsys):
     assert main(["eval", str(trained_run), "--suite", "bpb,vibes"]) == 2
     assert "vibes" in capsys.readouterr().err
+
+
+def test_report_lists_each_validation_split_once(tmp_path):
+    """A last step evaluated twice (eval_every and the end of the run) shows once per split."""
+    from codeling.evaluation.suite import write_report
+
+    stage = tmp_path / "code"
+    stage.mkdir()
+    records = [{"step": 10, "loss": 4.0, "tokens": 1000, "elapsed": 60.0}]
+    for loss in (3.5, 3.25):  # the second evaluation of step 10 is the one to show
+        records += [{"step": 10, "split": "python-stdlib", "val_loss": loss,
+                     "val_bits_per_byte": 2.0, "tokens": 1000, "elapsed": 60.0},
+                    {"step": 10, "split": "shell-scripts", "val_loss": loss + 1,
+                     "val_bits_per_byte": 3.0, "tokens": 1000, "elapsed": 60.0}]
+    (stage / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    report = write_report(tmp_path).read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| code |"))
+    assert row.count("python-stdlib") == 1
+    assert row.count("shell-scripts") == 1
+    assert "python-stdlib 3.250 / 2.000; shell-scripts 4.250 / 3.000" in row

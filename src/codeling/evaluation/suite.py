@@ -104,8 +104,11 @@ def _stage_rows(run_dir: Path) -> list[str]:
             continue
         evaluated = [r["step"] for r in records if "val_loss" in r]
         last_step = max(evaluated) if evaluated else None
-        val = "; ".join(f"{r['split']} {r['val_loss']:.3f} / {r['val_bits_per_byte']:.3f}"
-                        for r in records if "val_loss" in r and r["step"] == last_step)
+        # The last step can be evaluated twice (at eval_every and at the end, or again after a
+        # resume); keep one entry per split, the latest.
+        last = {r["split"]: r for r in records if "val_loss" in r and r["step"] == last_step}
+        val = "; ".join(f"{split} {r['val_loss']:.3f} / {r['val_bits_per_byte']:.3f}"
+                        for split, r in last.items())
         done_file = run_dir / stage / "done.json"
         done = json.loads(done_file.read_text()) if done_file.is_file() else {}
         sources = ", ".join(done.get("sources", [])) or "-"
