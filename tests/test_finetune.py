@@ -102,6 +102,9 @@ def test_replay_rows_are_fully_trained(small_tokenizer):
         assert inputs.shape[1] == 64  # a replay row makes the batch full length
         full_rows += int((targets != IGNORE_INDEX).all(dim=1).sum())
     assert 20 <= full_rows <= 60  # about half of 80 rows
+    # An epoch of 10 conversations at 4 conversations per batch on average.
+    assert loader.batches_per_epoch == pytest.approx(2.5)
+    assert SFTLoader(examples, 5, 64, small_tokenizer.pad_id, seed=0).batches_per_epoch == 2.0
 
 
 def tiny_model(**overrides) -> CodeModel:

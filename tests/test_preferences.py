@@ -180,6 +180,7 @@ def test_loader_resumes_and_shards_by_rank(small_tokenizer):
         next(first)
     second = PreferenceLoader(examples, 3, 64, pad, seed=1)
     second.load_state_dict(first.state_dict())
+    assert second.batches_per_epoch == pytest.approx(10 / 3)
     for _ in range(5):  # past the end of an epoch
         a, b = next(first), next(second)
         assert torch.equal(a[0], b[0])

@@ -72,6 +72,19 @@ def test_budget_in_tokens_sets_total_steps(tmp_path, tokens, tokenizer_dir):
     assert result.stop_reason == "token budget"
 
 
+def test_epoch_budget_draws_each_window_once(tmp_path, tokens, tokenizer_dir):
+    trainer = make_trainer(tmp_path, tokens, 1000, tokenizer_dir)
+    windows = trainer.loader.window_counts[0]
+    assert trainer.loader.batches_per_epoch == windows / 4
+    trainer.train.max_epochs = 1.0
+    trainer.total_steps = trainer._total_steps()
+    result = trainer.fit()
+    assert result.stop_reason == "epoch budget"
+    assert result.step == -(-windows // (4 * 2))  # batch 4, grad_accum 2, rounded up
+    assert trainer.loader.steps * 4 >= windows
+    assert (trainer.loader.steps - 2) * 4 < windows  # one optimizer step at most past the epoch
+
+
 def test_checkpoint_is_atomic_and_pruned(tmp_path, tokens, tokenizer_dir):
     trainer = make_trainer(tmp_path, tokens, 3, tokenizer_dir)
     for step in range(1, 4):

@@ -177,6 +177,9 @@ class TrainConfig:
     grad_clip: float = option(1.0, "clip the global gradient norm to this value; 0 = off", min=0.0)
     max_steps: int = option(1000, "stop after this many optimizer steps", min=1)
     max_tokens: int = option(0, "stop after this many training tokens; 0 = no limit", min=0)
+    max_epochs: float = option(0.0, "stop after this many passes over the training data (the "
+                               "windows, conversations or pairs of all its sources together); "
+                               "0 = no limit", min=0.0)
     max_minutes: float = option(0.0, "stop after this much wall-clock time in minutes; "
                                 "0 = no limit", min=0.0)
     eval_every: int = option(100, "optimizer steps between validation passes; 0 = only at the end",

@@ -247,6 +247,12 @@ class SFTLoader:
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
+    @property
+    def batches_per_epoch(self) -> float:
+        """Batches (over all ranks) expected to take every conversation once; replay rows
+        take `replay_fraction` of each batch on average."""
+        return len(self.examples) / (self.global_batch_size * (1.0 - self.replay_fraction))
+
     def _example_at(self, position: int) -> Example:
         epoch, offset = divmod(position, len(self.examples))
         if self._permutation_cache is None or self._permutation_cache[0] != epoch:

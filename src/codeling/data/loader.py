@@ -151,6 +151,11 @@ class PackedLoader:
         return self.batch_size * self.world_size
 
     @property
+    def batches_per_epoch(self) -> float:
+        """Batches (over all ranks) that draw as many windows as the sources hold together."""
+        return sum(self.window_counts) / self.global_batch_size
+
+    @property
     def epochs(self) -> list[int]:
         """Current epoch of each source, counting from 0."""
         return list(self._epochs)

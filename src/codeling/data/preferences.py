@@ -389,6 +389,11 @@ class PreferenceLoader:
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 
+    @property
+    def batches_per_epoch(self) -> float:
+        """Batches (over all ranks) that take every pair once."""
+        return len(self.examples) / self.global_batch_size
+
     def _example_at(self, position: int) -> PairExample:
         epoch, offset = divmod(position, len(self.examples))
         if self._order is None or self._order[0] != epoch:

@@ -219,6 +219,8 @@ def describe_run(config: RunConfig, model: CodeModel, device: torch.device, bf16
     budget = [f"{t.max_steps} steps"]
     if t.max_tokens:
         budget.append(f"{t.max_tokens} tokens ({math.ceil(t.max_tokens / tokens_per_step)} steps)")
+    if t.max_epochs:
+        budget.append(f"{t.max_epochs:g} epochs")
     if t.max_minutes:
         budget.append(f"{t.max_minutes:g} minutes")
     log.info("budget: whichever comes first of %s", ", ".join(budget))

@@ -628,6 +628,9 @@ def check_grpo_config(config: RunConfig) -> None:
                         "trained model, so set init_from to an earlier stage or checkpoint")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         problems.append("train.objective grpo runs in one process; start it without torchrun")
+    if config.train.max_epochs:
+        problems.append(f"train.max_epochs: {config.train.max_epochs} does not apply to grpo, "
+                        "which samples its own prompts; use train.max_steps or max_minutes")
     if problems:
         raise ConfigError(problems)
 

@@ -1,9 +1,9 @@
 """The training loop: micro-batches, accumulation, clipping, schedule, logging, eval, checkpoints.
 
-`Trainer.fit` runs until the step, token or wall-clock budget runs out, whichever comes first.
-It logs one line every `log_every` steps, appends every record to `metrics.jsonl`, evaluates
-on each validation split, saves checkpoints atomically, and on Ctrl-C or SIGTERM saves a last
-checkpoint before it stops, so `--resume` loses nothing.
+`Trainer.fit` runs until the step, token, epoch or wall-clock budget runs out, whichever comes
+first. It logs one line every `log_every` steps, appends every record to `metrics.jsonl`,
+evaluates on each validation split, saves checkpoints atomically, and on Ctrl-C or SIGTERM
+saves a last checkpoint before it stops, so `--resume` loses nothing.
 
 Under torchrun each rank runs the same loop on its share of every global batch, with the
 model wrapped in DistributedDataParallel. Only rank 0 logs, writes metrics and plots, and
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from codeling.config import RunConfig
-from codeling.errors import ConfigError
+from codeling.errors import CodelingError, ConfigError
 from codeling.models import lora
 from codeling.training import checkpoint as ckpt
 from codeling.training import distributed
@@ -145,10 +145,21 @@ class Trainer:
         self.metrics_path = self.stage_dir / "metrics.jsonl"
 
     def _total_steps(self) -> int:
-        steps = self.train.max_steps
+        """Return the optimizer steps the step, token and epoch budgets allow, and remember
+        which budget is the tightest, for the stop reason."""
+        budgets = {"step budget": self.train.max_steps}
         if self.train.max_tokens:
-            steps = min(steps, math.ceil(self.train.max_tokens / self.tokens_per_step))
-        return steps
+            budgets["token budget"] = math.ceil(self.train.max_tokens / self.tokens_per_step)
+        if self.train.max_epochs:
+            per_epoch = getattr(self.loader, "batches_per_epoch", None)
+            if per_epoch is None:
+                raise CodelingError(f"train.max_epochs {self.train.max_epochs} needs a loader "
+                                    f"that knows its epoch size, and {type(self.loader).__name__}"
+                                    " does not; use train.max_steps or train.max_tokens")
+            budgets["epoch budget"] = max(1, math.ceil(
+                self.train.max_epochs * per_epoch / self.train.grad_accum))
+        self.budget_name = min(budgets, key=budgets.get)
+        return budgets[self.budget_name]
 
     # -- state ----------------------------------------------------------------------------------
 
@@ -202,7 +213,7 @@ class Trainer:
 
     def _stop_reason(self) -> str:
         if self.step >= self.total_steps:
-            return "token budget" if self.total_steps < self.train.max_steps else "step budget"
+            return self.budget_name
         if self.train.max_minutes and self.elapsed >= 60 * self.train.max_minutes:
             return "time budget"
         return ""
