@@ -220,6 +220,9 @@ class TrainConfig:
     label_smoothing: float = option(0.0, "dpo: assumed probability that a preference label is "
                                     "flipped (conservative DPO); sigmoid loss only", min=0.0,
                                     max=0.5)
+    dpo_nll_weight: float = option(0.0, "dpo: weight of an added next-token loss on the chosen "
+                                   "responses (per token), which keeps their likelihood from "
+                                   "falling while the margin grows; 0 = plain DPO", min=0.0)
     lora_rank: int = option(0, "rank of LoRA adapters on the lora_targets layers, which freezes "
                             "the rest; 0 = train every weight", min=0)
     lora_alpha: float = option(16.0, "LoRA scale numerator: updates are scaled by alpha / rank",

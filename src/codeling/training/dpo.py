@@ -13,6 +13,11 @@ where π_ref is the frozen reference model: the `init_from` checkpoint. The loss
 
 with β = `train.beta` and ε = `train.label_smoothing`. ε > 0 is conservative DPO: it treats each
 label as flipped with probability ε, so the loss stops pushing once β h is large.
+
+DPO only widens the gap between the two responses; it can do so by lowering both, and on
+pairs that differ in one argument of a tool call it tends to lower the whole call. With
+α = `train.dpo_nll_weight` > 0 the objective adds α times the mean next-token loss per token of
+the chosen responses (as in RPO, Pang et al. 2024), which holds their likelihood up.
 The implicit rewards are r_w = β [log π(y_w|x) - log π_ref(y_w|x)] and r_l likewise. Logged per
 step: the loss, reward accuracy (share of pairs with r_w > r_l), the mean chosen and rejected
 rewards, the margin r_w - r_l, and `kl_chosen`, the mean per-token log π - log π_ref on the
@@ -50,7 +55,8 @@ from codeling.training.trainer import ValidationSplit
 log = logging.getLogger(__name__)
 
 DPO_LOSSES = ("sigmoid", "ipo")
-METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "margin", "kl_chosen")
+METRICS = ("reward_accuracy", "chosen_reward", "rejected_reward", "margin", "kl_chosen",
+           "nll_chosen")
 
 
 # -- the loss, as plain functions ---------------------------------------------------------------
@@ -108,12 +114,14 @@ class DPOLoss:
     """
 
     def __init__(self, policy: CodeModel, reference: CodeModel, beta: float, loss_type: str,
-                 label_smoothing: float, device: torch.device, bf16: bool):
+                 label_smoothing: float, device: torch.device, bf16: bool,
+                 nll_weight: float = 0.0):
         self.policy = policy  # unwrapped, for the MoE balancing losses
         self.reference = reference
         self.beta = beta
         self.loss_type = loss_type
         self.label_smoothing = label_smoothing
+        self.nll_weight = nll_weight
         self.device = device
         self.bf16 = bf16
         self.has_moe = policy.config.resolved_ffn() == "moe"
@@ -128,9 +136,10 @@ class DPOLoss:
         return sequence_log_probs(logits, targets)
 
     def pair_loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
-                  ) -> tuple[PreferenceLoss, torch.Tensor, torch.Tensor]:
+                  ) -> tuple[PreferenceLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return the pair losses, the policy-minus-reference log-ratio of each chosen
-        completion (B,), and its completion token count (B,)."""
+        completion (B,), its completion token count (B,), and the policy's summed
+        log-probability of each chosen completion (B,), with gradient."""
         if inputs.shape[0] % 2:
             raise CodelingError(f"a preference batch needs an even number of rows (chosen, then "
                                 f"rejected), got {inputs.shape[0]}")
@@ -141,16 +150,24 @@ class DPOLoss:
         result = preference_loss(policy[:pairs], policy[pairs:], reference[:pairs],
                                  reference[pairs:], self.beta, self.loss_type,
                                  self.label_smoothing)
-        return result, (policy[:pairs] - reference[:pairs]).detach(), counts[:pairs]
+        return (result, (policy[:pairs] - reference[:pairs]).detach(), counts[:pairs],
+                policy[:pairs])
 
     def __call__(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (objective to differentiate, mean DPO loss) and record the batch's metrics."""
-        result, chosen_ratio, counts = self.pair_loss(model, inputs, targets)
+        """Return (objective to differentiate, mean DPO loss) and record the batch's metrics.
+
+        The objective is the mean DPO loss, plus `nll_weight` times the chosen responses'
+        next-token loss per token, plus the MoE balancing losses.
+        """
+        result, chosen_ratio, counts, chosen_log_probs = self.pair_loss(model, inputs, targets)
         loss = result.losses.mean()
-        self._record(batch_metrics(result, chosen_ratio, counts))
-        auxiliary = self.policy.auxiliary_loss() if self.has_moe else torch.zeros_like(loss)
-        return loss + auxiliary, loss
+        nll = -chosen_log_probs.sum() / counts.sum().clamp(min=1)
+        self._record({**batch_metrics(result, chosen_ratio, counts), "nll_chosen": float(nll)})
+        objective = loss + self.nll_weight * nll if self.nll_weight else loss
+        if self.has_moe:
+            objective = objective + self.policy.auxiliary_loss()
+        return objective, loss
 
     def _record(self, values: dict[str, float]) -> None:
         self._sums = [total + values[name] for total, name in zip(self._sums, METRICS)]
@@ -262,9 +279,9 @@ def build_dpo_loss(config: RunConfig, model: CodeModel, checkpoint: Path, device
     """Load the frozen reference from `checkpoint` and return the loss hook for the Trainer."""
     train = config.train
     reference = load_reference(checkpoint, model, device)
-    log.info("DPO: %s loss, beta %g, label smoothing %g, reference %s", train.dpo_loss,
-             train.beta, train.label_smoothing, checkpoint)
+    log.info("DPO: %s loss, beta %g, label smoothing %g, chosen NLL weight %g, reference %s",
+             train.dpo_loss, train.beta, train.label_smoothing, train.dpo_nll_weight, checkpoint)
     if train.compile:
         log.info("train.compile does not apply to the dpo objective; it runs eagerly")
     return DPOLoss(model, reference, train.beta, train.dpo_loss, train.label_smoothing, device,
-                   bf16)
+                   bf16, train.dpo_nll_weight)
