@@ -16,7 +16,7 @@ import pytest
 
 from codeling import sandbox
 from codeling.errors import CodelingError
-from codeling.tools import BUILTIN_TOOLS, ToolBox, ToolLimits
+from codeling.tools import BUILTIN_TOOLS, TOOL_NAMES, ToolBox, ToolLimits, parse_tools_option
 
 # Slack for starting the sandbox's interpreters and cleaning up on a busy machine.
 STARTUP_SLACK = 5.0
@@ -230,6 +230,26 @@ def test_toolbox_needs_existing_directory(tmp_path: Path):
         ToolBox("/")
     with pytest.raises(CodelingError, match="timeout must be positive"):
         ToolBox(tmp_path, ToolLimits(timeout=0))
+
+
+def test_tools_option_selects_builtin_tools():
+    assert parse_tools_option("none") is None
+    assert parse_tools_option("builtin") == list(TOOL_NAMES)
+    assert parse_tools_option(" read_file, list_files,read_file ") == ["read_file", "list_files"]
+    with pytest.raises(CodelingError, match="'cat_file' is not a builtin tool.*run_python"):
+        parse_tools_option("read_file,cat_file")
+    with pytest.raises(CodelingError, match="no name is not a builtin tool"):
+        parse_tools_option(",")
+
+
+def test_toolbox_with_some_tools_describes_and_runs_only_those(workdir: Path):
+    box = ToolBox(workdir, names=["list_files", "read_file"])
+    assert [tool["function"]["name"] for tool in box.specs] == ["read_file", "list_files"]
+    (workdir / "a.txt").write_text("hi\n")
+    assert json.loads(box.call("list_files", {})) == ["a.txt"]
+    assert "unknown tool 'run_shell'" in error_of(box.call("run_shell", {"command": "ls"}))
+    with pytest.raises(CodelingError, match="unknown builtin tools"):
+        ToolBox(workdir, names=["list_files", "rm_rf"])
 
 
 def test_sandbox_keeps_given_workdir(workdir: Path):

@@ -103,3 +103,15 @@ def test_chat_transcript_is_directory(trained_run: Path, tmp_path: Path):
     assert "Traceback" not in result.stderr
     assert "codeling: error:" in result.stderr
     assert str(folder) in result.stderr
+
+
+def test_chat_unknown_tool_name(trained_run: Path, tmp_path: Path):
+    """--tools takes builtin tool names; a wrong one is named, with the valid ones."""
+    result = subprocess.run(
+        [sys.executable, "-m", "codeling", "chat", str(trained_run), "--tools",
+         "list_files,cat"], input="hello\n", capture_output=True, text=True, timeout=120,
+        cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "'cat' is not a builtin tool" in result.stderr
+    assert "read_file" in result.stderr

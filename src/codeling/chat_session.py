@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from codeling import chat
 from codeling.errors import CodelingError
 from codeling.tokenizer import Tokenizer
-from codeling.tools import ToolBox, error_result
+from codeling.tools import ToolBox, error_result, parse_tools_option
 
 if TYPE_CHECKING:  # importing generate imports torch, which `codeling --help` does not need
     from codeling.inference.generate import GenerationConfig
@@ -229,8 +229,10 @@ def add_chat_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentPa
         "ends the chat, /reset clears it.")
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run directory, stage directory or checkpoint directory")
-    parser.add_argument("--tools", choices=["builtin", "none"], default="none",
-                        help="tools the model may call: builtin or none (default: none)")
+    parser.add_argument("--tools", default="none", metavar="TOOLS",
+                        help="tools the model may call: none, builtin (all seven), or a "
+                        "comma-separated list of builtin tool names such as "
+                        "list_files,read_file,run_shell (default: none)")
     parser.add_argument("--workdir", default=None,
                         help="working directory of the tools, created if missing (default: a "
                         "new temporary directory, printed at the start and kept)")
@@ -263,13 +265,14 @@ def chat_command(args: argparse.Namespace) -> int:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               seed=args.seed)
     config.validate()
-    if args.workdir is not None and args.tools != "builtin":
+    tool_names = parse_tools_option(args.tools)
+    if args.workdir is not None and tool_names is None:
         raise CodelingError("--workdir sets the working directory of the tools, which are off; "
                             "add --tools builtin or drop --workdir")
     if args.transcript:
         _check_transcript_path(Path(args.transcript))
     generator = Generator.from_checkpoint(args.checkpoint, device=args.device)
-    toolbox = _toolbox(args.workdir) if args.tools == "builtin" else None
+    toolbox = _toolbox(args.workdir, tool_names) if tool_names is not None else None
     _check_context(generator, toolbox, args.system)
     session = ChatSession(generator, config, toolbox=toolbox, system=args.system,
                           constrained=args.constrained, max_tool_rounds=args.max_tool_rounds,
@@ -303,14 +306,17 @@ def _check_context(generator: Any, toolbox: ToolBox | None, system: str | None) 
     length = len(chat.render(messages, generator.tokenizer, tools))
     context = generator.model.config.max_seq_len
     if length >= context:
+        fixes = ["use a model with a longer model.max_seq_len"]
+        if tools:
+            fixes.append("name fewer tools, as in --tools list_files,read_file,run_shell")
+        if system:
+            fixes.append("give a shorter --system")
         raise CodelingError(
             f"the system turn{' with the tool descriptions' if tools else ''} is {length} "
-            f"tokens but the model's context is {context}; use a model with a longer "
-            f"model.max_seq_len{', or --tools none' if tools else ''}"
-            f"{', or a shorter --system' if system else ''}")
+            f"tokens but the model's context is {context}; {', or '.join(fixes)}")
 
 
-def _toolbox(workdir: str | None) -> ToolBox:
+def _toolbox(workdir: str | None, names: list[str]) -> ToolBox:
     if workdir is None:
         path = Path(tempfile.mkdtemp(prefix="codeling-chat-"))
         print(f"working directory: {path} (new, kept after the chat)", flush=True)
@@ -322,4 +328,4 @@ def _toolbox(workdir: str | None) -> ToolBox:
             raise CodelingError(f"failed to create the working directory {workdir!r}: "
                                 f"{error.strerror}; pass another --workdir") from error
         print(f"working directory: {path.resolve()}", flush=True)
-    return ToolBox(path)
+    return ToolBox(path, names=names)

@@ -79,6 +79,26 @@ BUILTIN_TOOLS: list[dict[str, Any]] = [
 
 TOOL_NAMES = tuple(tool["function"]["name"] for tool in BUILTIN_TOOLS)
 
+
+def parse_tools_option(value: str) -> list[str] | None:
+    """Return the builtin tool names a --tools value selects, or None for "none".
+
+    "builtin" selects every builtin tool; a comma-separated list of names selects those (fewer
+    tool descriptions leave more of a small model's context for the conversation).
+    """
+    value = value.strip()
+    if value == "none":
+        return None
+    if value == "builtin":
+        return list(TOOL_NAMES)
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TOOL_NAMES]
+    if unknown or not names:
+        raise CodelingError(f"--tools {value!r}: {', '.join(map(repr, unknown)) or 'no name'} "
+                            f"is not a builtin tool; use none, builtin, or a comma-separated "
+                            f"list of {', '.join(TOOL_NAMES)}")
+    return list(dict.fromkeys(names))
+
 # Linux rejects a single command-line argument longer than 32 pages (128 KiB).
 MAX_CODE_CHARS = 100_000
 # Directories that `search_code` does not enter.
@@ -122,7 +142,14 @@ def error_result(message: str) -> str:
 class ToolBox:
     """The builtin tools, confined to one existing working directory."""
 
-    def __init__(self, workdir: str | Path, limits: ToolLimits | None = None):
+    def __init__(self, workdir: str | Path, limits: ToolLimits | None = None,
+                 names: list[str] | None = None):
+        """`names` selects some of the builtin tools (default: all of them); the others are
+        neither described to the model nor run."""
+        unknown = sorted(set(names or ()) - set(TOOL_NAMES))
+        if unknown:
+            raise CodelingError(f"unknown builtin tools {unknown}; choose from "
+                                f"{', '.join(TOOL_NAMES)}")
         self.limits = limits or ToolLimits()
         self.limits.validate()
         self.workdir = Path(workdir).resolve()
@@ -132,11 +159,13 @@ class ToolBox:
         if self.workdir == Path(self.workdir.anchor):
             raise CodelingError("the tool working directory cannot be the root directory '/'; "
                                 "pass a subdirectory")
-        self.specs: list[dict[str, Any]] = copy.deepcopy(BUILTIN_TOOLS)
+        chosen = [tool for tool in BUILTIN_TOOLS
+                  if names is None or tool["function"]["name"] in names]
+        self.specs: list[dict[str, Any]] = copy.deepcopy(chosen)
         self._validators = {
             tool["function"]["name"]: jsonschema.Draft202012Validator(
                 tool["function"]["parameters"])
-            for tool in BUILTIN_TOOLS}
+            for tool in chosen}
 
     # -- dispatch ---------------------------------------------------------------------------------
 

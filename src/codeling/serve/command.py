@@ -50,12 +50,13 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                         "status 503 (default: 256)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N "
                         "(default: auto)")
-    parser.add_argument("--tools", choices=["builtin", "none"], default="none",
+    parser.add_argument("--tools", default="none", metavar="TOOLS",
                         help="tools that GET /v1/tools lists and POST /v1/tools/execute runs, "
                         "for the web chat page and API clients: builtin (run_python, "
                         "run_shell, read_file, list_files, search_code, write_file and "
                         "git_status, run on this machine in the sandbox and confined to "
-                        "--workdir) or none (default: none)")
+                        "--workdir), a comma-separated list of some of them, or none "
+                        "(default: none)")
     parser.add_argument("--workdir", default=None, metavar="DIR",
                         help="working directory of the tools, created if missing; needs --tools "
                         "builtin (default: a new temporary directory, logged at start and kept)")
@@ -68,14 +69,14 @@ def build_toolbox(tools: str, workdir: str | None) -> ToolBox | None:
     Without `workdir`, the tools get a new temporary directory, which is kept after the server
     stops so that what the tools wrote can be inspected.
     """
-    if tools == "none":
+    from codeling.tools import ToolBox, parse_tools_option
+
+    names = parse_tools_option(tools)
+    if names is None:
         if workdir is not None:
             raise CodelingError("--workdir sets the working directory of the tools, which are "
                                 "off; add --tools builtin or drop --workdir")
         return None
-    if tools != "builtin":
-        raise CodelingError(f"--tools must be builtin or none, got {tools!r}")
-    from codeling.tools import ToolBox
 
     if workdir is None:
         path = Path(tempfile.mkdtemp(prefix="codeling-serve-"))
@@ -89,7 +90,7 @@ def build_toolbox(tools: str, workdir: str | None) -> ToolBox | None:
             raise CodelingError(f"failed to create the working directory {workdir!r}: "
                                 f"{error.strerror}; pass another --workdir") from error
         log.info("tools on: working directory %s", path.resolve())
-    return ToolBox(path)
+    return ToolBox(path, names=names)
 
 
 def _is_loopback(host: str) -> bool:
@@ -120,7 +121,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise CodelingError(f"--max-queue must be 0 or more, got {args.max_queue}")
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     model_name = args.model_name or Path(args.checkpoint).resolve().name
-    if args.tools == "none" and args.workdir is not None:
+    from codeling.tools import parse_tools_option
+
+    # A bad --tools value, or --workdir without tools, fails before the model loads.
+    if parse_tools_option(args.tools) is None and args.workdir is not None:
         build_toolbox(args.tools, args.workdir)  # raises: --workdir without tools
     engine = Engine.from_checkpoint(args.checkpoint, device=args.device,
                                     max_batch_size=args.max_batch_size,
