@@ -325,7 +325,10 @@ def test_chat_command_ctrl_c_exits_cleanly(trained_run: Path, tmp_path: Path):
         [sys.executable, "-m", "codeling", "chat", str(trained_run), "--max-new-tokens", "4",
          "--transcript", str(transcript)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        cwd=tmp_path)
+        cwd=tmp_path,
+        # A shell starts background jobs with SIGINT ignored, and Python then leaves Ctrl-C
+        # ignored too; give the chat the disposition it has at a terminal.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         process.stdin.write("hello\n")
         process.stdin.flush()

@@ -163,7 +163,7 @@ class DPOLoss:
         result, chosen_ratio, counts, chosen_log_probs = self.pair_loss(model, inputs, targets)
         loss = result.losses.mean()
         nll = -chosen_log_probs.sum() / counts.sum().clamp(min=1)
-        self._record({**batch_metrics(result, chosen_ratio, counts), "nll_chosen": float(nll)})
+        self._record({**batch_metrics(result, chosen_ratio, counts), "nll_chosen": float(nll.detach())})
         objective = loss + self.nll_weight * nll if self.nll_weight else loss
         if self.has_moe:
             objective = objective + self.policy.auxiliary_loss()
