@@ -142,7 +142,8 @@ def test_chosen_nll_term_adds_the_per_token_loss_of_the_chosen_responses():
                    label_smoothing=0.0, device=torch.device("cpu"), bf16=False, nll_weight=0.5)
     objective, loss = hook(model, inputs, targets)
     # By hand: the chosen rows are 0 and 1, with 3 scored tokens each.
-    log_probs = torch.log_softmax(model(inputs[:2]).float(), dim=-1)
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(inputs[:2]).float(), dim=-1)
     picked = [log_probs[row, position, targets[row, position]]
               for row in range(2) for position in range(4, 7)]
     nll = -sum(float(value) for value in picked) / 6
