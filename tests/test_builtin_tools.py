@@ -238,11 +238,12 @@ def test_tools_option_selects_builtin_tools():
     assert parse_tools_option(" read_file, list_files,read_file ") == ["read_file", "list_files"]
     with pytest.raises(CodelingError, match="'cat_file' is not a builtin tool.*run_python"):
         parse_tools_option("read_file,cat_file")
-    with pytest.raises(CodelingError, match="no name is not a builtin tool"):
+    with pytest.raises(CodelingError, match="names no tool; use none, builtin"):
         parse_tools_option(",")
 
 
-def test_toolbox_with_some_tools_describes_and_runs_only_those(workdir: Path):
+def test_toolbox_tool_subset(workdir: Path):
+    """Tools left out of `names` are neither described nor run."""
     box = ToolBox(workdir, names=["list_files", "read_file"])
     assert [tool["function"]["name"] for tool in box.specs] == ["read_file", "list_files"]
     (workdir / "a.txt").write_text("hi\n")

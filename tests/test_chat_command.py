@@ -327,7 +327,7 @@ def test_chat_command_ctrl_c_exits_cleanly(trained_run: Path, tmp_path: Path):
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         cwd=tmp_path,
         # A shell starts background jobs with SIGINT ignored, and Python then leaves Ctrl-C
-        # ignored too; give the chat the disposition it has at a terminal.
+        # ignored too. Give the chat the disposition it has at a terminal.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         process.stdin.write("hello\n")

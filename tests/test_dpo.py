@@ -135,7 +135,7 @@ def test_hook_starts_at_log_two_with_zero_rewards():
     assert metrics["kl_chosen"] == pytest.approx(0.0, abs=1e-6)
 
 
-def test_chosen_nll_term_adds_the_per_token_loss_of_the_chosen_responses():
+def test_chosen_nll_matches_hand_value():
     model = tiny_model()
     inputs, targets = toy_batch()
     hook = DPOLoss(model, copy.deepcopy(model).eval(), beta=0.1, loss_type="sigmoid",
@@ -151,8 +151,8 @@ def test_chosen_nll_term_adds_the_per_token_loss_of_the_chosen_responses():
     assert hook.step_metrics()["nll_chosen"] == pytest.approx(nll, rel=1e-5)
 
 
-def test_chosen_nll_term_holds_up_the_chosen_likelihood():
-    """Plain DPO may lower the chosen response too; the NLL term keeps it higher."""
+def test_chosen_nll_keeps_chosen_likely():
+    """Plain DPO may lower the chosen response too, and the NLL term keeps it higher."""
     inputs, targets = toy_batch()
     final = {}
     for weight in (0.0, 1.0):

@@ -106,7 +106,7 @@ def test_chat_transcript_is_directory(trained_run: Path, tmp_path: Path):
 
 
 def test_chat_unknown_tool_name(trained_run: Path, tmp_path: Path):
-    """--tools takes builtin tool names; a wrong one is named, with the valid ones."""
+    """An unknown name in --tools is reported with the list of valid names."""
     result = subprocess.run(
         [sys.executable, "-m", "codeling", "chat", str(trained_run), "--tools",
          "list_files,cat"], input="hello\n", capture_output=True, text=True, timeout=120,

@@ -83,8 +83,8 @@ TOOL_NAMES = tuple(tool["function"]["name"] for tool in BUILTIN_TOOLS)
 def parse_tools_option(value: str) -> list[str] | None:
     """Return the builtin tool names a --tools value selects, or None for "none".
 
-    "builtin" selects every builtin tool; a comma-separated list of names selects those (fewer
-    tool descriptions leave more of a small model's context for the conversation).
+    "builtin" selects every builtin tool, and a comma-separated list of names selects those.
+    Fewer tool descriptions leave more of a small model's context for the conversation.
     """
     value = value.strip()
     if value == "none":
@@ -93,10 +93,12 @@ def parse_tools_option(value: str) -> list[str] | None:
         return list(TOOL_NAMES)
     names = [name.strip() for name in value.split(",") if name.strip()]
     unknown = [name for name in names if name not in TOOL_NAMES]
-    if unknown or not names:
-        raise CodelingError(f"--tools {value!r}: {', '.join(map(repr, unknown)) or 'no name'} "
-                            f"is not a builtin tool; use none, builtin, or a comma-separated "
-                            f"list of {', '.join(TOOL_NAMES)}")
+    fix = f"use none, builtin, or a comma-separated list of {', '.join(TOOL_NAMES)}"
+    if not names:
+        raise CodelingError(f"--tools {value!r} names no tool; {fix}")
+    if unknown:
+        raise CodelingError(f"--tools {value!r}: {', '.join(map(repr, unknown))} is not a "
+                            f"builtin tool; {fix}")
     return list(dict.fromkeys(names))
 
 # Linux rejects a single command-line argument longer than 32 pages (128 KiB).
@@ -144,8 +146,10 @@ class ToolBox:
 
     def __init__(self, workdir: str | Path, limits: ToolLimits | None = None,
                  names: list[str] | None = None):
-        """`names` selects some of the builtin tools (default: all of them); the others are
-        neither described to the model nor run."""
+        """Confine the builtin tools to `workdir`, with only the tools in `names` (default: all).
+
+        Tools left out are neither described to the model nor run.
+        """
         unknown = sorted(set(names or ()) - set(TOOL_NAMES))
         if unknown:
             raise CodelingError(f"unknown builtin tools {unknown}; choose from "

@@ -249,8 +249,8 @@ class SFTLoader:
 
     @property
     def batches_per_epoch(self) -> float:
-        """Batches (over all ranks) expected to take every conversation once; replay rows
-        take `replay_fraction` of each batch on average."""
+        """Batches (over all ranks) expected to take every conversation once, given that
+        replay rows take `replay_fraction` of each batch on average."""
         return len(self.examples) / (self.global_batch_size * (1.0 - self.replay_fraction))
 
     def _example_at(self, position: int) -> Example:

@@ -105,7 +105,7 @@ def _stage_rows(run_dir: Path) -> list[str]:
         evaluated = [r["step"] for r in records if "val_loss" in r]
         last_step = max(evaluated) if evaluated else None
         # The last step can be evaluated twice (at eval_every and at the end, or again after a
-        # resume); keep one entry per split, the latest.
+        # resume), so keep one entry per split, the latest.
         last = {r["split"]: r for r in records if "val_loss" in r and r["step"] == last_step}
         val = "; ".join(f"{split} {r['val_loss']:.3f} / {r['val_bits_per_byte']:.3f}"
                         for split, r in last.items())

@@ -14,10 +14,10 @@ where π_ref is the frozen reference model: the `init_from` checkpoint. The loss
 with β = `train.beta` and ε = `train.label_smoothing`. ε > 0 is conservative DPO: it treats each
 label as flipped with probability ε, so the loss stops pushing once β h is large.
 
-DPO only widens the gap between the two responses; it can do so by lowering both, and on
-pairs that differ in one argument of a tool call it tends to lower the whole call. With
-α = `train.dpo_nll_weight` > 0 the objective adds α times the mean next-token loss per token of
-the chosen responses (as in RPO, Pang et al. 2024), which holds their likelihood up.
+DPO only widens the gap between the two responses, so it can lower both. On pairs that differ
+in one argument of a tool call, it lowers the whole call. With α = `train.dpo_nll_weight` > 0,
+the objective adds α times the chosen responses' mean next-token loss per token, which keeps
+their likelihood up.
 The implicit rewards are r_w = β [log π(y_w|x) - log π_ref(y_w|x)] and r_l likewise. Logged per
 step: the loss, reward accuracy (share of pairs with r_w > r_l), the mean chosen and rejected
 rewards, the margin r_w - r_l, and `kl_chosen`, the mean per-token log π - log π_ref on the
