@@ -12,9 +12,11 @@ import pytest
 from codeling import chat
 from codeling.cli import main
 from codeling.data.tool_data import (
+    CLOSERS,
     HELD_OUT_TOOLS,
     KIND_SHARES,
     KINDS,
+    OPENERS,
     SPLITS,
     generate_tool_dataset,
     load_conversations,
@@ -22,8 +24,10 @@ from codeling.data.tool_data import (
 from codeling.data.tool_schemas import (
     TOOLS,
     TOOLS_BY_NAME,
+    Template,
     check_library,
     execute_snippet,
+    phrasing_key,
     text_of,
 )
 from codeling.errors import CodelingError
@@ -89,7 +93,63 @@ def test_check_library_finds_bad_template():
         type(tool.requests[0])("get_weather/t99", "Weather in {town}?"),)})
     problems = check_library((broken,))
     assert any("unknown placeholders ['town']" in problem for problem in problems)
-    assert any("required ['city'] not in text" in problem for problem in problems)
+    assert any("required ['city'] not in 'Weather in {town}?'" in problem
+               for problem in problems)
+
+
+def test_choice_groups_expand_to_every_combination():
+    template = Template("t/t0", "[please |]show me [the file |]{path}[ now|].")
+    texts = sorted(plain.text for plain in template.expansions())
+    assert texts == ["Please show me the file {path} now.", "Please show me the file {path}.",
+                     "Please show me {path} now.", "Please show me {path}.",
+                     "Show me the file {path} now.", "Show me the file {path}.",
+                     "Show me {path} now.", "Show me {path}."]
+    rng = random.Random(0)
+    drawn = {template.expand(rng).text for _ in range(200)}
+    assert drawn == set(texts)
+    assert template.expand(rng).fields == ("path",)
+    plain = Template("t/t1", "Read {path}.")
+    assert plain.expand(rng) is plain  # nothing to choose, nothing drawn
+
+
+def test_choice_alternatives_may_hold_placeholders():
+    tool = TOOLS_BY_NAME["search_code"]
+    template = Template("search_code/t99", "Search [the code|{path}] for `{pattern}`.")
+    calls = [tool.arguments(plain, {"pattern": "TODO", "path": "src"})
+             for plain in template.expansions()]
+    assert calls == [{"pattern": "TODO"}, {"pattern": "TODO", "path": "src"}]
+
+
+def test_library_templates_expand_cleanly():
+    for tool in TOOLS:
+        for template in tool.requests + tool.eval_requests + tool.vague + tool.eval_vague:
+            for plain in template.expansions():
+                assert not {"[", "]", "|"} & set(plain.text), plain.text
+                assert "  " not in plain.text and not plain.text[:1].islower(), plain.text
+    # The grammars make many more training phrasings than fixed strings would.
+    phrasings = sum(len(list(t.expansions())) for tool in TOOLS for t in tool.requests)
+    assert phrasings > 10 * sum(len(tool.requests) for tool in TOOLS)
+
+
+def test_check_library_finds_malformed_choices():
+    tool = TOOLS_BY_NAME["get_weather"]
+    broken = type(tool)(**{**vars(tool), "requests": tool.requests + (
+        Template("get_weather/t99", "Weather in [{city}|there."),)})
+    assert any("unbalanced or nested" in problem for problem in check_library((broken,)))
+
+
+def test_check_library_finds_evaluation_phrasing_in_training():
+    tool = TOOLS_BY_NAME["get_weather"]
+    leaked = Template("get_weather/t99", "[Could you tell me|Tell me] the weather in {city}.")
+    evaluation = Template("get_weather/e9", "Please, tell me the weather in {city}!")
+    broken = type(tool)(**{**vars(tool), "requests": tool.requests + (leaked,),
+                           "eval_requests": tool.eval_requests + (evaluation,)})
+    problems = check_library((broken,))
+    assert problems == ["get_weather/e9: evaluation phrasing 'Please, tell me the weather in "
+                        "{city}!' equals the training phrasing 'Tell me the weather in {city}.' "
+                        "of get_weather/t99"]
+    assert phrasing_key("Can you tell ME the weather in {city}, please?") == \
+        "tell weather in {city}"
 
 
 # Generated records
@@ -263,6 +323,18 @@ def test_held_out_phrasings_only_in_test_seen(dataset):
                    for text in user_texts(record)}
     for record in records["test_seen"]:
         assert user_texts(record)[0] not in train_texts, record["id"]
+
+
+def test_only_training_requests_get_openers_and_closers(dataset):
+    _, _, records = dataset
+
+    def dressed(split: str) -> int:
+        requests = [user_texts(record)[0] for record in records[split]
+                    if record["kind"] in ("single_call", "parallel_calls", "multi_turn")]
+        return sum(text.startswith(OPENERS) or text.endswith(CLOSERS) for text in requests)
+
+    assert dressed("train") > 0.1 * 0.7 * len(records["train"])
+    assert dressed("test_seen") == dressed("test_unseen") == 0
 
 
 def test_val_differs_from_train(dataset):

@@ -48,33 +48,22 @@ def _tool(name: str, description: str, properties: dict[str, Any],
 
 # The synthetic training conversations use these exact names and arguments.
 BUILTIN_TOOLS: list[dict[str, Any]] = [
-    _tool("run_python", "Run Python code in the working directory and return its exit code, "
-          "stdout and stderr.",
-          {"code": {"type": "string", "description": "Python source code to run"}}, ["code"]),
-    _tool("run_shell", "Run a Bash command in the working directory and return its exit code, "
-          "stdout and stderr.",
-          {"command": {"type": "string", "description": "the shell command"}}, ["command"]),
-    _tool("read_file", "Read a text file from the working directory.",
-          {"path": {"type": "string", "description": "file path relative to the working "
-                    "directory"}}, ["path"]),
-    _tool("list_files", "List the files and directories in a directory; directory names end "
-          "with '/'.",
-          {"path": {"type": "string", "description": "directory path relative to the working "
-                    "directory", "default": "."}}, []),
-    _tool("search_code", "Search the text files under a path for a regular expression (or a "
-          "plain substring when the pattern is not a valid regular expression) and return the "
-          "matching lines.",
-          {"pattern": {"type": "string", "description": "regular expression to search for"},
-           "path": {"type": "string", "description": "file or directory to search, relative to "
-                    "the working directory", "default": "."}}, ["pattern"]),
-    _tool("write_file", "Write a text file in the working directory, creating parent "
-          "directories as needed and replacing an existing file.",
-          {"path": {"type": "string", "description": "file path relative to the working "
-                    "directory"},
-           "content": {"type": "string", "description": "the complete new file content"}},
-          ["path", "content"]),
-    _tool("git_status", "Show the git status of the working directory (git status --short).",
-          {}, []),
+    _tool("run_python", "Run Python code; returns exit code, stdout and stderr.",
+          {"code": {"type": "string", "description": "Python source"}}, ["code"]),
+    _tool("run_shell", "Run a Bash command; returns exit code, stdout and stderr.",
+          {"command": {"type": "string"}}, ["command"]),
+    _tool("read_file", "Read a text file.",
+          {"path": {"type": "string", "description": "relative path"}}, ["path"]),
+    _tool("list_files", "List a directory; subdirectories end with '/'.",
+          {"path": {"type": "string", "default": "."}}, []),
+    _tool("search_code", "Search the files under a path for a regular expression; returns "
+          "the matching lines.",
+          {"pattern": {"type": "string"}, "path": {"type": "string", "default": "."}},
+          ["pattern"]),
+    _tool("write_file", "Write a text file, replacing any existing one.",
+          {"path": {"type": "string", "description": "relative path"},
+           "content": {"type": "string"}}, ["path", "content"]),
+    _tool("git_status", "Show git status --short.", {}, []),
 ]
 
 TOOL_NAMES = tuple(tool["function"]["name"] for tool in BUILTIN_TOOLS)

@@ -75,6 +75,12 @@ FOLLOW_UPS = (("follow_up/t0", "{value}"), ("follow_up/t1", "{value}, please."),
 EVAL_FOLLOW_UPS = (("follow_up/e0", "It's {value}."), ("follow_up/e1", "Let's go with {value}."))
 BLOCK_FOLLOW_UPS = (("follow_up/t3", "{value}"), ("follow_up/t4", "Here:\n{value}"))
 EVAL_BLOCK_FOLLOW_UPS = (("follow_up/e2", "Here it is:\n{value}"),)
+# Training requests only: a share of them get an opener, a closer or a casual form (first
+# letter lowercase, no final period), so that words around a request do not decide the tool.
+OPENERS = ("Hey, ", "Hi! ", "Hello. ", "OK, ", "Quick one: ", "Hmm, ", "Sorry to bother you. ",
+           "Hi there. ")
+CLOSERS = (" Thanks!", " Thank you.", " Thanks in advance.", " Cheers.", " Thanks a lot.")
+OPENER_SHARE, CLOSER_SHARE, CASUAL_SHARE = 0.12, 0.12, 0.1
 THANKS = (("thanks/t0", "Thanks!"), ("thanks/t1", "Great, thank you."),
           ("thanks/t2", "Perfect, thanks."))
 EVAL_THANKS = (("thanks/e0", "Thank you, that helps."),)
@@ -301,6 +307,8 @@ class _ExampleWriter:
         self.distractors = list(distractors)
         self.phrasing = phrasing
         self.clarifiable = [tool for tool in self.targets if self._vague(tool)]
+        self.repeatable = [tool for tool in self.targets
+                           if any(param.required for param in tool.params)]
 
     # Pools by phrasing.
 
@@ -321,10 +329,28 @@ class _ExampleWriter:
     def _request(self, tool: ToolDef, template: Template | None = None
                  ) -> tuple[Template, str, dict[str, Any]]:
         """Return (template, user text, call) for one request to `tool`."""
-        template = template or self.rng.choice(self._requests(tool))
+        template = (template or self.rng.choice(self._requests(tool))).expand(self.rng)
         values = tool.sample_values(self.rng)
         text = template.text.format(**{name: text_of(values[name]) for name in template.fields})
+        if self.phrasing == "train":
+            text = self._dress(template, text)
         return template, text, _call(tool.name, tool.arguments(template, values))
+
+    def _dress(self, template: Template, text: str) -> str:
+        """Vary a training request the way people type: a greeting, a thank-you, no capital."""
+        draw = self.rng.random()
+        if draw < OPENER_SHARE:
+            opener = self.rng.choice(OPENERS)
+            lower = opener.endswith((", ", ": ")) and template.starts_with_text
+            text = opener + (_lower_first(text) if lower else text)
+        elif draw < OPENER_SHARE + CLOSER_SHARE:
+            text += self.rng.choice(CLOSERS)
+        elif draw < OPENER_SHARE + CLOSER_SHARE + CASUAL_SHARE and template.starts_with_text \
+                and "\n" not in text:
+            text = _lower_first(text)
+            if template.text.endswith("."):  # the template's period, not a value's
+                text = text.removesuffix(".")
+        return text
 
     def _results(self, calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
         """Simulated tool messages, one per call, and the answer sentence of each result."""
@@ -355,7 +381,8 @@ class _ExampleWriter:
     def parallel_calls(self) -> tuple[list[dict[str, Any]], list[ToolDef], list[str]]:
         count = 3 if self.rng.random() < 0.2 else 2
         if self.rng.random() < 0.3:
-            tools = [self.rng.choice(self.targets)] * count
+            # The same tool twice or three times: one with a required argument to vary.
+            tools = [self.rng.choice(self.repeatable)] * count
         else:
             tools = self.rng.sample(self.targets, count)
         texts, calls, ids = [], [], []
@@ -407,7 +434,7 @@ class _ExampleWriter:
 
     def clarify(self) -> tuple[list[dict[str, Any]], list[ToolDef], list[str]]:
         tool = self.rng.choice(self.clarifiable)
-        template = self.rng.choice(self._vague(tool))
+        template = self.rng.choice(self._vague(tool)).expand(self.rng)
         missing = tool.param(tool.missing(template)[0])
         values = tool.sample_values(self.rng)
         text = template.text.format(**{name: text_of(values[name]) for name in template.fields})

@@ -23,11 +23,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import itertools
 import json
 import random
+import re
 import string
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,9 +77,14 @@ class Param:
 
 @dataclass(frozen=True)
 class Template:
-    """A user request with `{param}` placeholders.
+    """A user request with `{param}` placeholders and `[a|b|c]` choices.
 
-    `fixed` contains the arguments that its wording implies, such as {"verbose": True}.
+    `fixed` contains the arguments that its wording implies, such as {"verbose": True}. A
+    choice group stands for one of its alternatives, the empty one included, so
+    "[please |]show me {path}." reads "Please show me {path}." or "Show me {path}."; an
+    alternative may hold placeholders. Groups do not nest. `expand` picks one alternative per
+    group, `expansions` lists every combination. An expansion starts with a capital letter and
+    loses the spaces that an empty alternative leaves behind.
     """
 
     id: str
@@ -85,8 +92,45 @@ class Template:
     fixed: Mapping[str, Any] = field(default_factory=dict)
 
     @functools.cached_property
+    def parts(self) -> tuple[tuple[str, ...], ...]:
+        """The text as a sequence of choices; literal text is a choice of one."""
+        parts: list[tuple[str, ...]] = []
+        for index, piece in enumerate(re.split(r"\[([^\[\]]*)\]", self.text)):
+            if index % 2:
+                parts.append(tuple(piece.split("|")))
+            elif "[" in piece or "]" in piece:
+                raise ValueError(f"{self.id}: unbalanced or nested [ ] in {self.text!r}")
+            elif piece:
+                parts.append((piece,))
+        return tuple(parts)
+
+    @property
+    def has_choices(self) -> bool:
+        return any(len(choices) > 1 for choices in self.parts)
+
+    def expand(self, rng: Rng) -> Template:
+        """Return a plain template with one alternative of every group, drawn from `rng`.
+
+        A template without choices is returned as it is and draws nothing.
+        """
+        if not self.has_choices:
+            return self
+        return self._plain([rng.choice(choices) for choices in self.parts])
+
+    def expansions(self) -> Iterator[Template]:
+        """Every plain template this one stands for."""
+        for combination in itertools.product(*self.parts):
+            yield self._plain(combination)
+
+    def _plain(self, pieces: Sequence[str]) -> Template:
+        # An empty alternative can leave a double space or a space before punctuation, and a
+        # lowercase first word: "[please |]show me {path} [now|]." reads "Show me {path}."
+        text = re.sub(r" +([.,?!:])", r"\1", re.sub(r"  +", " ", "".join(pieces))).strip(" ")
+        return Template(self.id, text[:1].upper() + text[1:], self.fixed)
+
+    @functools.cached_property
     def fields(self) -> tuple[str, ...]:
-        """Placeholder names in text order."""
+        """Placeholder names in text order (of a plain template)."""
         return tuple(name for _, name, _, _ in string.Formatter().parse(self.text) if name)
 
     @property
@@ -170,7 +214,7 @@ def _tool(name: str, description: str, group: str, params: list[Param], *,
     if builtin is not None:
         description = builtin["function"]["description"]
     return ToolDef(name=name, description=description, group=group, params=tuple(params),
-                   requests=_templates(name, "t", requests),
+                   requests=_templates(name, "t", requests + _REQUEST_GRAMMAR.get(name, ())),
                    eval_requests=_templates(name, "e", eval_requests),
                    vague=_templates(name, "v", vague),
                    eval_vague=_templates(name, "ve", eval_vague),
@@ -945,6 +989,218 @@ def _respond_play_music(args: Mapping[str, Any], rng: Rng) -> tuple[str, str]:
 # -- the library -----------------------------------------------------------------------------
 
 
+# Training phrasings written as choice grammars (see `Template`): each line stands for dozens of
+# requests, so a model learns the words that point to a tool rather than a handful of
+# sentences. They are added after the fixed training phrasings of the tool definitions below.
+# None of their expansions may equal an evaluation-only phrasing, even up to case, punctuation
+# and politeness words; `check_library` enforces that.
+_ASK = "[can you |could you |would you |can you please |could you please ]"
+_REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
+    "run_python": (
+        "[please |]run [this|the following|my] [Python |][code|snippet|script][ for "
+        "me|]:\n[```python\n{code}\n```|{code}|```\n{code}\n```]",
+        _ASK + "[run|execute] [this|my] [Python |][code|snippet][ and tell me what it prints| "
+               "and show me the output|]?\n[```python\n{code}\n```|{code}]",
+        "What [is the output of|do I get from|happens when I run] this[ Python code| "
+        "script|]?\n[```python\n{code}\n```|{code}]",
+        "[```python\n{code}\n```|{code}]\n[Run this.|Run it, please.|What does it print?|Can you "
+        "execute that?|What's the output?]",
+    ),
+    "run_shell": (
+        "[please |]run [`{command}`|{command}|the command `{command}`|this command: {command}][ "
+        "for me|][ in the shell| in bash|].",
+        _ASK + "[run|execute] `{command}`[ for me|][ and tell me what it says| and show me the "
+               "output|]?",
+        "What does `{command}` [print|output|return|say][ here| in this directory|]?",
+        "[Execute|Launch] `{command}`[ in bash| in a shell| on the command line|][, please|].",
+        "`{command}`[ please|, what does it give?| — run that, please.]",
+    ),
+    "read_file": (
+        "[please |]show me [the contents of |what's in |][{path}|`{path}`|the file {path}][ "
+        "please|].",
+        _ASK + "[read|open|print|cat|show me] [{path}|`{path}`|the file {path}][ for me|]?",
+        "What does [{path}|`{path}`] [say|contain|look like][ right now|]?",
+        "I'd like to [read|look at|see the contents of] [{path}|`{path}`].",
+        "[Read|Open|Print|Cat] [{path}|`{path}`|the file {path}][ for me|][ please|].",
+    ),
+    "list_files": (
+        "[please |]list [the |all the |all |]files [in|under|inside] [{path}|`{path}`|the {path} "
+        "folder|the {path} directory].",
+        _ASK + "list [the contents of|everything in|the files in] [{path}|the {path} folder|the "
+               "{path} directory]?",
+        "What's [inside|in] the {path} [folder|directory][ right now|]?",
+        "Show me [the files|the contents|everything] [of|in] [{path}|`{path}`][ please|].",
+        "[List|Show me] [the files in |everything in |the contents of |]the "
+        "[current|project|top-level] [folder|directory].",
+        "What files [are there|do we have|do I have][ in this folder| in the project|]?",
+    ),
+    "search_code": (
+        "[please |]search [the code|the codebase|the project|the repo|{path}] for `{pattern}`.",
+        "[Grep|Search] for [`{pattern}`|{pattern}] [in {path}|under {path}|in the code|across "
+        "the project|].",
+        "Where [is|does] `{pattern}` [used|appear|show up][ in {path}| in the code|]?",
+        _ASK + "[look for|find|grep for] `{pattern}` [in {path}|in the code|in the project|]?",
+        "Show me [every line|the lines|each line] [with|containing|that has] `{pattern}`[ in "
+        "{path}|].",
+    ),
+    "write_file": (
+        "[please |]write [this|the following|these lines] [to|into] "
+        "[{path}|`{path}`]:\n{content}",
+        "[Create|Save|Write] [{path}|`{path}`|the file {path}] with [this|the following] "
+        "[content|text][:|]\n{content}",
+        _ASK + "save this as [{path}|`{path}`]?\n{content}",
+        "Put the following [text |content |]in [{path}|`{path}`]:\n{content}",
+        "{content}\n[Save that to|Write that to|Store this in|Save this as] [{path}|`{path}`][, "
+        "please|].",
+    ),
+    "git_status": (
+        "[What's|What is] the [git |repo |repository |]status[ of the repo| here|]?",
+        "[Show|Give] me [the |]git status[ please|].",
+        "[Are there|Do I have] any [uncommitted|unstaged|untracked] [changes|files][ in the "
+        "repo| here|]?",
+        "Which files [are modified|are untracked|are staged|have I touched][ in the repo|]?",
+        "Is the [working directory|repo|repository] clean?",
+        "Run git status[ for me|].",
+    ),
+    "git_diff": (
+        "[Show|Give] me the [git |]diff[ for {path}| of my changes|].",
+        "What [did I change|have I changed] in [{path}|`{path}`][ so far|]?",
+        _ASK + "show me [my|the] [unstaged|uncommitted] changes[ to {path}| in {path}|]?",
+        "Diff [{path}|`{path}`][, please|].",
+        "How does {path} differ from the last commit?",
+    ),
+    "run_tests": (
+        "[please |]run [the|all the|all] tests[ now| again|].",
+        "Run the [unit |]tests [in|under|for] [{path}|`{path}`][ please|].",
+        "Are the tests [passing|green][ in {path}|]?",
+        ("Run the tests [in {path} |]with [verbose output|-v|full output].", {"verbose": True}),
+        "Run pytest[ on {path}|].",
+        _ASK + "run the [test suite|tests][ in {path}|]?",
+    ),
+    "pip_install": (
+        "[please |]install [the |]{package}[ package|][ for me|].",
+        _ASK + "[install|add|pip install] {package}[ for me|]?",
+        "Add {package}[ version {version}| {version}|] to the environment.",
+        "Set up {package}[ version {version}|][ for me|].",
+    ),
+    "find_files": (
+        "Find [all |every |the |]{pattern} files[ in {path}| under {path}|].",
+        "[Which|What] {pattern} files [are there|do we have|exist][ in {path}|]?",
+        "Locate [all |]files [named|like] `{pattern}`[ in {path}| under {path}|].",
+        "[List|Show me] every file [that matches|named like] {pattern}[ under {path}|].",
+        "Are there any {pattern} files[ in {path}|]?",
+    ),
+    "calculator": (
+        "[What's|What is] {expression}[ exactly|]?",
+        "[Calculate|Compute|Work out|Solve] {expression}[ for me|][ please|].",
+        _ASK + "[calculate|compute|work out|solve] {expression}?",
+        "How much [is {expression}|does {expression} come to|does {expression} make]?",
+        "[Quick math|Math question]: {expression}",
+        "What do you get [for|from] {expression}?",
+    ),
+    "convert_units": (
+        "[please |]convert {value} {from_unit} [to|into] {to_unit}.",
+        "How many {to_unit} [is|are|make] {value} {from_unit}?",
+        "[What's|What is] {value} {from_unit} [in|as] {to_unit}?",
+        _ASK + "convert {value} {from_unit} to {to_unit}?",
+        "I [need|want] {value} {from_unit} [in|converted to|expressed in] {to_unit}.",
+    ),
+    "get_weather": (
+        "[What's|What is|How's] the weather [in|for|like in] {city}[ today| right now| at the "
+        "moment|]?",
+        "Is it [raining|sunny|snowing|windy] in {city}[ today|]?",
+        "[Tell me|Show me|Check] the [current |]weather in {city}[ in {units}|].",
+        "[Weather|Current conditions] in {city}[ in {units}|][, please|].",
+        "What temperature is it in {city}[ in {units}|]?",
+    ),
+    "get_forecast": (
+        "[What's|What is] the [weather |]forecast for {city} [for|over] the next {days} days?",
+        "[Give|Show] me [a|the] {days}-day [weather |]forecast for {city}[ please|].",
+        "Will it [rain|snow|be sunny] in {city} [in|over] the next {days} days?",
+        "Forecast [for|in] {city}[,| for] {days} days[, please|].",
+        "What weather should I expect in {city} [over|during] the next {days} days?",
+    ),
+    "create_event": (
+        "Add [\"{title}\"|{title}] [to my calendar |]on {date} at {time}[ please|].",
+        "Schedule [\"{title}\"|{title}] [on|for] {date} at {time}[ for {duration_minutes} "
+        "minutes|].",
+        "[Make|Create] an event [named|titled] \"{title}\" [on|for] {date}[ at {time}|].",
+        ("Mark {date} as [an all-day|a full-day] event: {title}.", {"all_day": True}),
+        "Put {title} [in|on] my calendar for {date}[ at {time}|][, {duration_minutes} minutes|].",
+    ),
+    "list_events": (
+        "What's on my [calendar|schedule|agenda] [on|for] {date}?",
+        "[Show|List] [me |]my [events|meetings|appointments] [on|for] {date}.",
+        "Do I have [anything|any meetings|any appointments] [on|scheduled for] {date}?",
+        "What [meetings|events|appointments] do I have [on|for] {date}?",
+        "Check my calendar for {date}[, please|].",
+    ),
+    "set_timer": (
+        "[please |]set a [{minutes}-minute|{minutes} minute] timer[ for the {label}| called "
+        "{label}|].",
+        "[Set|Start] a timer for {minutes} minutes[ for the {label}|].",
+        "Timer[:|,] {minutes} minutes[ for the {label}|][ please|].",
+        _ASK + "time {minutes} minutes[ for the {label}|]?",
+        "[Alert|Ping|Wake] me in {minutes} minutes[ for the {label}|].",
+    ),
+    "convert_currency": (
+        "[please |]convert {amount} {from_currency} [to|into] {to_currency}.",
+        "[How much|What] is {amount} {from_currency} in {to_currency}[ today|]?",
+        "How many {to_currency} [do I get|would I get] for {amount} {from_currency}?",
+        "[Exchange|Change] {amount} {from_currency} [to|into|for] {to_currency}[ please|].",
+        _ASK + "convert {amount} {from_currency} to {to_currency}?",
+    ),
+    "translate_text": (
+        "[please |]translate [\"{text}\"|{text}] [into|to] {target_language}.",
+        _ASK + "translate [\"{text}\"|{text}] [into|to] {target_language}?",
+        "How [do you|would you|do I] say \"{text}\" in {target_language}?",
+        "What's the {target_language} [for|translation of] \"{text}\"?",
+        "[In|Into] {target_language}[, please|]: {text}",
+        "I need \"{text}\" in {target_language}.",
+    ),
+    "send_email": (
+        "[please |]send an email to {to} [with the subject|titled|with subject] \"{subject}\"[ "
+        "saying|. Body:|. Text:|:] {body}",
+        "Email {to}[:|.] Subject: {subject}. [Body|Message|Text]: {body}",
+        "Write an email to {to} about \"{subject}\" [that says|saying]: {body}",
+        "[Mail|Message] {to}, subject \"{subject}\", saying: {body}",
+        _ASK + "email {to}? Subject \"{subject}\", [text|message]: {body}",
+    ),
+    "get_time": (
+        "What[ time is it| is the time| is the local time|'s the time] in {city}[ right now| "
+        "now|]?",
+        "[Tell me|Give me|Check] the [current |local |]time in {city}[ please|].",
+        "[Current time|Local time|Time] in {city}[?|, please.]",
+        "What's the clock [showing|at] in {city}[ now|]?",
+    ),
+    "add_todo": (
+        "[please |]add [\"{task}\"|{task}] to my [to-do|todo|task] list[, due {due_date}|][ with "
+        "{priority} priority|].",
+        "[Put|Add] {task} on my [to-do|todo] list[ for {due_date}|].",
+        "New [task|to-do|todo][:|,] {task}[, due {due_date}|][, {priority} priority|].",
+        "I [have|need] to {task}[ by {due_date}|]. Add it to my [list|to-dos].",
+        "Make a [{priority} priority |]to-do [item |]to {task}[, due {due_date}|].",
+    ),
+    "get_directions": (
+        "How do I get from {origin} to {destination}[ ({mode})|]?",
+        "[Directions|Route] from {origin} to {destination}[, please|].",
+        "How long does it take to get from {origin} to {destination}[ ({mode})|]?",
+        "[Show|Find] me [a|the] {mode} route from {origin} to {destination}.",
+        "How far is it from {origin} to {destination}?",
+        "I'm at {origin}. How do I get to {destination}[ ({mode})|]?",
+    ),
+    "play_music": (
+        "[please |]play [some |]{query}[ now|].",
+        "Put on {query}[ please|].",
+        "[I'd like to hear|I'm in the mood for|Let's hear] {query}.",
+        "Start [playing |]{query}[ please|].",
+        ("Shuffle [my |]{query}[ please|].", {"shuffle": True}),
+        ("Play {query} in random order.", {"shuffle": True}),
+        _ASK + "put on {query}?",
+    ),
+}
+
+
 def _choice(values: tuple) -> Callable[[Rng], Any]:
     return lambda rng: rng.choice(values)
 
@@ -1124,7 +1380,7 @@ def _everyday_tools_1() -> list[ToolDef]:
               eval_requests=("I have {value} {from_unit}. How much is that in {to_unit}?",
                              "Change {value} {from_unit} into {to_unit}."),
               vague=("Convert {value} {from_unit} for me.", "What is {value} in {to_unit}?"),
-              eval_vague=("Please convert {value} {from_unit}.",),
+              eval_vague=("I have {value} {from_unit} that I need in another unit.",),
               respond=_respond_convert_units, joint=_joint_units),
         _tool("get_weather", "Get the current weather for a city.", "everyday",
               [Param("city", "string", "", _choice(CITIES),
@@ -1240,7 +1496,7 @@ def _everyday_tools_2() -> list[ToolDef]:
                              "Say \"{text}\" in {target_language}, please."),
               vague=("Translate \"{text}\" for me.", "Translate something into "
                      "{target_language}."),
-              eval_vague=("Please translate \"{text}\".",),
+              eval_vague=("How would \"{text}\" sound in another language?",),
               respond=_respond_translate),
         _tool("send_email", "Send an email.", "everyday",
               [Param("to", "array", "", _emails, items="string",
@@ -1317,7 +1573,7 @@ def _everyday_tools_2() -> list[ToolDef]:
                Param("shuffle", "boolean", "", lambda rng: True, required=False)],
               requests=("Play {query}.", "Put on some {query}.",
                         ("Shuffle {query}.", {"shuffle": True}), "I want to listen to {query}."),
-              eval_requests=("Can you play {query} for me?",
+              eval_requests=("Turn on {query}.",
                              ("Play {query} on shuffle.", {"shuffle": True})),
               vague=("Play some music.",), eval_vague=("Put something on, please.",),
               respond=_respond_play_music),
@@ -1345,20 +1601,62 @@ def check_library(tools: tuple[ToolDef, ...] = TOOLS) -> list[str]:
         for param in tool.params:
             if param.type not in JSON_TYPES:
                 problems.append(f"{tool.name}.{param.name}: unknown type {param.type!r}")
-        for template in tool.requests + tool.eval_requests:
+        for template in _plain_templates(tool.requests + tool.eval_requests, problems):
             unknown = set(template.fields) - names
             if unknown:
-                problems.append(f"{template.id}: unknown placeholders {sorted(unknown)}")
+                problems.append(f"{template.id}: unknown placeholders {sorted(unknown)} in "
+                                f"{template.text!r}")
             if tool.missing(template):
-                problems.append(f"{template.id}: required {tool.missing(template)} not in text")
+                problems.append(f"{template.id}: required {tool.missing(template)} not in "
+                                f"{template.text!r}")
             for name in set(template.fields) & names:
                 if tool.param(name).type == "boolean":
                     problems.append(f"{template.id}: boolean {name} must be fixed, not written")
-        for template in tool.vague + tool.eval_vague:
+        for template in _plain_templates(tool.vague + tool.eval_vague, problems):
             missing = tool.missing(template)
             if len(missing) != 1:
                 problems.append(f"{template.id}: must leave out exactly one required argument, "
-                                f"leaves out {missing}")
+                                f"leaves out {missing} in {template.text!r}")
             elif not tool.param(missing[0]).ask:
                 problems.append(f"{template.id}: {missing[0]} has no clarifying question")
+        problems += _leaks(tool)
+    return problems
+
+
+def _plain_templates(templates: tuple[Template, ...], problems: list[str]) -> list[Template]:
+    """Every expansion of `templates`; a malformed choice group is added to `problems`."""
+    plain = []
+    for template in templates:
+        try:
+            plain.extend(template.expansions())
+        except ValueError as error:
+            problems.append(str(error))
+    return plain
+
+
+# Words that a phrasing may add or drop without becoming another phrasing.
+_FILLER = frozenset("please can could would you for me the a an just kindly".split())
+
+
+def phrasing_key(text: str) -> str:
+    """Reduce a template text to its content words: lowercase, no punctuation, no fillers.
+
+    Two phrasings with the same key count as the same phrasing when evaluation-only phrasings
+    are checked against training ones.
+    """
+    words = re.findall(r"\{\w+\}|[a-z0-9'-]+", text.lower())
+    return " ".join(word for word in words if word not in _FILLER)
+
+
+def _leaks(tool: ToolDef) -> list[str]:
+    """Evaluation-only phrasings of `tool` that some training phrasing expands to."""
+    pairs = ((tool.requests, tool.eval_requests), (tool.vague, tool.eval_vague))
+    problems = []
+    for train, evaluation in pairs:
+        seen = {phrasing_key(plain.text): plain for plain in _plain_templates(train, problems)}
+        for plain in _plain_templates(evaluation, problems):
+            twin = seen.get(phrasing_key(plain.text))
+            if twin is not None:
+                problems.append(f"{plain.id}: evaluation phrasing {plain.text!r} equals the "
+                                f"training phrasing {twin.text!r} of {twin.id}")
     return problems

@@ -322,7 +322,7 @@ class Trainer:
         flops_per_token = self.model.flops_per_token(self.train.seq_len)
         peak, peak_source = peak_flops(self.device, self.bf16)
         if self.dist.is_main:
-            log.info("MFU is measured against %.1f TFLOP/s per device (%s)", peak / 1e12,
+            log.info("MFU is measured against %.3g GFLOP/s per device (%s)", peak / 1e9,
                      peak_source)
         peak *= self.dist.world_size  # the token rate below counts the global batch
         if self.dist.is_main and self.train.log_to:
