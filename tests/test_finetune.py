@@ -89,6 +89,36 @@ def test_loader_resumes_and_shards_by_rank(small_tokenizer):
             SFTLoader(examples, 4, 64, small_tokenizer.pad_id, seed=1).state_dict())
 
 
+def test_length_grouping_cuts_padding_and_keeps_epochs_whole(small_tokenizer):
+    records = [{"messages": [{"role": "user", "content": "word " * (1 + (i * 37) % 90)},
+                             {"role": "assistant", "content": f"{i}"}]} for i in range(96)]
+    examples = chat_data.tokenize_conversations(records, small_tokenizer, 512, "test")
+    assert len(examples) == 96
+
+    def epoch(loader: SFTLoader) -> tuple[list[int], int]:
+        """The conversations of one epoch, by assistant answer, and the padded tokens."""
+        answers, padding = [], 0
+        for _ in range(12):  # 96 conversations, 8 per batch
+            inputs, targets = next(loader)
+            padding += int((inputs == small_tokenizer.pad_id).sum())
+            for row in targets:
+                trained = row[row != IGNORE_INDEX].tolist()
+                answers.append(int(small_tokenizer.decode(trained[:-1])))
+        return answers, padding
+
+    plain_answers, plain_padding = epoch(SFTLoader(examples, 8, 512, small_tokenizer.pad_id))
+    grouped = SFTLoader(examples, 8, 512, small_tokenizer.pad_id, group_by_length=True)
+    grouped_answers, grouped_padding = epoch(grouped)
+    assert sorted(plain_answers) == sorted(grouped_answers) == list(range(96))
+    assert grouped_padding < plain_padding / 2
+    # The next epoch is another order, again complete, and a resumed loader follows it.
+    resumed = SFTLoader(examples, 8, 512, small_tokenizer.pad_id, group_by_length=True)
+    resumed.load_state_dict(grouped.state_dict())
+    second, _ = epoch(grouped)
+    assert sorted(second) == list(range(96)) and second != grouped_answers
+    assert epoch(resumed)[0] == second
+
+
 def test_replay_rows_are_fully_trained(small_tokenizer):
     examples = chat_data.tokenize_conversations([conversation(i) for i in range(10)],
                                                 small_tokenizer, 64, "test")

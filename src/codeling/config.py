@@ -151,6 +151,9 @@ class DataConfig:
         [], "sources of an earlier stage mixed back in against forgetting")
     replay_fraction: float = option(0.0, "share of training samples drawn from replay_sources",
                                     min=0.0, max=0.9)
+    group_by_length: bool = option(
+        True, "sft: put conversations of similar length in the same batch (sorted within "
+        "windows of 64 batches, batch order shuffled), so less of each batch is padding")
     val_fraction: float = option(0.05, "fraction of documents held out for validation",
                                  min=0.0, max=0.5)
     max_documents: int = option(0, "documents taken per source; 0 = all", min=0)

@@ -213,6 +213,9 @@ def examples_to_batch(examples: Sequence[Example], seq_len: int, pad_id: int,
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
 
+LENGTH_WINDOW = 64  # batches sorted together by SFTLoader(group_by_length=True)
+
+
 class SFTLoader:
     """An endless, seeded and resumable iterator over padded (inputs, targets) batches.
 
@@ -221,11 +224,19 @@ class SFTLoader:
     `replay_fraction`, drawn from that PackedLoader (built with batch_size 1).
     Like PackedLoader, every rank steps through the whole global batch of
     batch_size * world_size rows and keeps its own slice.
+
+    `group_by_length` orders each epoch so that a batch holds conversations of similar length:
+    the permutation is cut into windows of LENGTH_WINDOW batches, each window is sorted by
+    length and cut into batch-sized groups, and the groups are shuffled. A batch is padded to
+    its longest conversation, so this cuts the padding (about 40% of the rows' tokens for the
+    synthetic tool conversations in random order) while every epoch still visits every
+    conversation once.
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, seq_len: int, pad_id: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1,
-                 replay: PackedLoader | None = None, replay_fraction: float = 0.0):
+                 replay: PackedLoader | None = None, replay_fraction: float = 0.0,
+                 group_by_length: bool = False):
         if not examples:
             raise CodelingError("SFTLoader got no examples; pass at least one conversation")
         if replay_fraction and replay is None:
@@ -239,6 +250,7 @@ class SFTLoader:
         self.world_size = world_size
         self.replay = replay
         self.replay_fraction = replay_fraction if replay is not None else 0.0
+        self.group_by_length = group_by_length
         self._position = 0  # conversations taken so far, over all ranks
         self._steps = 0
         self._permutation_cache: tuple[int, np.ndarray] | None = None
@@ -256,9 +268,24 @@ class SFTLoader:
     def _example_at(self, position: int) -> Example:
         epoch, offset = divmod(position, len(self.examples))
         if self._permutation_cache is None or self._permutation_cache[0] != epoch:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-            self._permutation_cache = (epoch, order)
+            self._permutation_cache = (epoch, self._epoch_order(epoch))
         return self.examples[int(self._permutation_cache[1][offset])]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+        if not self.group_by_length:
+            return order
+        lengths = np.array([len(example.ids) for example in self.examples])
+        # Conversations per batch: the rows that replay does not take, on average.
+        group = max(1, round(self.global_batch_size * (1.0 - self.replay_fraction)))
+        window = group * LENGTH_WINDOW
+        groups = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            groups += [chunk[i:i + group] for i in range(0, len(chunk), group)]
+        shuffle = np.random.default_rng([self.seed, epoch, 2]).permutation(len(groups))
+        return np.concatenate([groups[index] for index in shuffle])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         return self

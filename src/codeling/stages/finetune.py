@@ -83,7 +83,8 @@ def build_sft_loaders(config: RunConfig, run_dir: Path, tokenizer: Tokenizer, ra
                  ", ".join(data.names))
     loader = SFTLoader(train_examples, train.batch_size, train.seq_len, tokenizer.pad_id,
                        seed=train.seed, rank=rank, world_size=world_size, replay=replay,
-                       replay_fraction=config.data.replay_fraction if replay else 0.0)
+                       replay_fraction=config.data.replay_fraction if replay else 0.0,
+                       group_by_length=config.data.group_by_length)
     splits = []
     if val_examples:
         ratio = chat_data.assistant_bytes_per_token(val_examples, tokenizer)
