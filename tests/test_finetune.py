@@ -89,14 +89,14 @@ def test_loader_resumes_and_shards_by_rank(small_tokenizer):
             SFTLoader(examples, 4, 64, small_tokenizer.pad_id, seed=1).state_dict())
 
 
-def test_length_grouping_cuts_padding_and_keeps_epochs_whole(small_tokenizer):
+def test_length_grouping_cuts_padding(small_tokenizer):
     records = [{"messages": [{"role": "user", "content": "word " * (1 + (i * 37) % 90)},
                              {"role": "assistant", "content": f"{i}"}]} for i in range(96)]
     examples = chat_data.tokenize_conversations(records, small_tokenizer, 512, "test")
     assert len(examples) == 96
 
     def epoch(loader: SFTLoader) -> tuple[list[int], int]:
-        """The conversations of one epoch, by assistant answer, and the padded tokens."""
+        """Return the numbers that the assistant turns of one epoch contain, and the padding."""
         answers, padding = [], 0
         for _ in range(12):  # 96 conversations, 8 per batch
             inputs, targets = next(loader)

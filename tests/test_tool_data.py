@@ -138,7 +138,7 @@ def test_check_library_finds_malformed_choices():
     assert any("unbalanced or nested" in problem for problem in check_library((broken,)))
 
 
-def test_check_library_finds_evaluation_phrasing_in_training():
+def test_check_library_finds_phrasing_leak():
     tool = TOOLS_BY_NAME["get_weather"]
     leaked = Template("get_weather/t99", "[Could you tell me|Tell me] the weather in {city}.")
     evaluation = Template("get_weather/e9", "Please, tell me the weather in {city}!")
@@ -325,7 +325,7 @@ def test_held_out_phrasings_only_in_test_seen(dataset):
         assert user_texts(record)[0] not in train_texts, record["id"]
 
 
-def test_only_training_requests_get_openers_and_closers(dataset):
+def test_openers_only_in_training(dataset):
     _, _, records = dataset
 
     def dressed(split: str) -> int:

@@ -48,16 +48,16 @@ def _tool(name: str, description: str, properties: dict[str, Any],
 
 # The synthetic training conversations use these exact names and arguments.
 BUILTIN_TOOLS: list[dict[str, Any]] = [
-    _tool("run_python", "Run Python code; returns exit code, stdout and stderr.",
+    _tool("run_python", "Run Python code and return its exit code, stdout and stderr.",
           {"code": {"type": "string", "description": "Python source"}}, ["code"]),
-    _tool("run_shell", "Run a Bash command; returns exit code, stdout and stderr.",
+    _tool("run_shell", "Run a Bash command and return its exit code, stdout and stderr.",
           {"command": {"type": "string"}}, ["command"]),
     _tool("read_file", "Read a text file.",
           {"path": {"type": "string", "description": "relative path"}}, ["path"]),
-    _tool("list_files", "List a directory; subdirectories end with '/'.",
+    _tool("list_files", "List a directory. Subdirectories end with '/'.",
           {"path": {"type": "string", "default": "."}}, []),
-    _tool("search_code", "Search the files under a path for a regular expression; returns "
-          "the matching lines.",
+    _tool("search_code", "Search the files under a path for a regular expression and "
+          "return the matching lines.",
           {"pattern": {"type": "string"}, "path": {"type": "string", "default": "."}},
           ["pattern"]),
     _tool("write_file", "Write a text file, replacing any existing one.",

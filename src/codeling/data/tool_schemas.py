@@ -93,7 +93,7 @@ class Template:
 
     @functools.cached_property
     def parts(self) -> tuple[tuple[str, ...], ...]:
-        """The text as a sequence of choices; literal text is a choice of one."""
+        """Return the text as a sequence of choices. Literal text is a choice of one."""
         parts: list[tuple[str, ...]] = []
         for index, piece in enumerate(re.split(r"\[([^\[\]]*)\]", self.text)):
             if index % 2:
@@ -106,6 +106,7 @@ class Template:
 
     @property
     def has_choices(self) -> bool:
+        """True when some group offers more than one alternative."""
         return any(len(choices) > 1 for choices in self.parts)
 
     def expand(self, rng: Rng) -> Template:
