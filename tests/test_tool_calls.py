@@ -121,3 +121,31 @@ def test_validate_call_reports_invalid_schema():
     problems = validate_call(call("f", {"x": 1}), tools)
     assert len(problems) == 1
     assert problems[0].startswith("tool 'f' has an invalid parameters schema")
+
+
+def test_tools_suite_scores_by_kind():
+    from codeling.evaluation.tools import report_section, score_turn, summarize
+
+    paris = {"role": "assistant", "content": "", "tool_calls": [call("get_weather",
+                                                                     {"city": "Paris"})]}
+    rome = {"role": "assistant", "content": "", "tool_calls": [call("get_weather",
+                                                                    {"city": "Rome"})]}
+    text = {"role": "assistant", "content": "Hello!"}
+    turns = [(paris, paris, "single_call"),  # right call
+             (rome, paris, "single_call"),  # right tool, wrong argument
+             (text, paris, "multi_turn"),  # no call where one was needed
+             (text, text, "no_tool"),  # answered without a call
+             (paris, text, "clarify")]  # called where a question was needed
+    scores = [{**score_turn(predicted, expected, TOOLS), "kind": kind}
+              for predicted, expected, kind in turns]
+    summary = summarize(scores)
+    assert summary["name_accuracy"] == pytest.approx(2 / 3)
+    assert summary["exact_arguments"] == pytest.approx(1 / 3)
+    assert summary["by_kind"] == {
+        "single_call": {"cases": 2, "name_match": 2, "exact_match": 1},
+        "multi_turn": {"cases": 1, "name_match": 0, "exact_match": 0},
+        "no_tool": {"cases": 1, "no_call": 1},
+        "clarify": {"cases": 1, "no_call": 0}}
+    result = {"splits": {"test_seen": {"description": "held-out phrasings", "free": summary}}}
+    lines = report_section("tools", result)
+    assert "| test_seen | free | 2 / 1 of 2 | - | 0 / 0 of 1 | 1 of 1 | 0 of 1 |" in lines

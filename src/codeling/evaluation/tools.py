@@ -96,7 +96,26 @@ def summarize(scores: list[dict[str, Any]]) -> dict[str, Any]:
                                    len(predicted_none)),
         "no_tool_recall": ratio(sum(not s["predicts_call"] for s in expected_none),
                                 len(expected_none)),
+        "by_kind": _by_kind(scores),
     }
+
+
+def _by_kind(scores: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Count the cases of each conversation kind and how many of them were right.
+
+    For turns that should call tools: right names and exact calls. For the others: turns
+    answered without a call.
+    """
+    kinds: dict[str, dict[str, int]] = {}
+    for score in scores:
+        counts = kinds.setdefault(score.get("kind") or "unknown", {"cases": 0})
+        counts["cases"] += 1
+        if score["expects_call"]:
+            counts["name_match"] = counts.get("name_match", 0) + int(score["name_match"])
+            counts["exact_match"] = counts.get("exact_match", 0) + int(score["exact_match"])
+        else:
+            counts["no_call"] = counts.get("no_call", 0) + int(not score["predicts_call"])
+    return kinds
 
 
 def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
@@ -125,7 +144,8 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
                 ids = generator.generate_turn(prompt, config, tools=case["tools"],
                                               constrained=constrained)
                 predicted = chat.parse_assistant(ids, generator.tokenizer)
-                score = score_turn(predicted, case["expected"], case["tools"])
+                score = {**score_turn(predicted, case["expected"], case["tools"]),
+                         "kind": case["kind"]}
                 scores.append(score)
                 if len(samples) < examples_kept:
                     samples.append({"request": case["messages"][-1].get("content"),
@@ -160,4 +180,27 @@ def report_section(stage: str, result: dict[str, Any]) -> list[str]:
                      for name in METRICS]
             lines.append(f"| {split} ({modes['description']}) | {mode} | {summary['cases']} | "
                          + " | ".join(cells) + " |")
+    rows = []
+    for split, modes in result["splits"].items():
+        for mode in ("free", "constrained"):
+            by_kind = modes.get(mode, {}).get("by_kind")
+            if by_kind:
+                cells = [_kind_cell(by_kind.get(kind)) for kind in KIND_COLUMNS]
+                rows.append(f"| {split} | {mode} | " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", "By kind of conversation: right tool names / exact calls out of the cases "
+                  "that need a call, or answers without a call out of those that need none.", "",
+                  "| split | decoding | " + " | ".join(KIND_COLUMNS) + " |",
+                  "|---|---|" + "---|" * len(KIND_COLUMNS), *rows]
     return lines + [""]
+
+
+KIND_COLUMNS = ("single_call", "parallel_calls", "multi_turn", "no_tool", "clarify")
+
+
+def _kind_cell(counts: dict[str, int] | None) -> str:
+    if not counts:
+        return "-"
+    if "name_match" in counts:
+        return f"{counts['name_match']} / {counts['exact_match']} of {counts['cases']}"
+    return f"{counts.get('no_call', 0)} of {counts['cases']}"
