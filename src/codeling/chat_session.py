@@ -17,7 +17,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 from codeling import chat
 from codeling.errors import CodelingError
 from codeling.tokenizer import Tokenizer
-from codeling.tools import ToolBox, error_result, parse_tools_option
+from codeling.tools import ToolBox, error_result, parse_tools_option, working_directory
 
 if TYPE_CHECKING:  # importing generate imports torch, which `codeling --help` does not need
     from codeling.inference.generate import GenerationConfig
@@ -317,15 +316,6 @@ def _check_context(generator: Any, toolbox: ToolBox | None, system: str | None) 
 
 
 def _toolbox(workdir: str | None, names: list[str]) -> ToolBox:
-    if workdir is None:
-        path = Path(tempfile.mkdtemp(prefix="codeling-chat-"))
-        print(f"working directory: {path} (new, kept after the chat)", flush=True)
-    else:
-        path = Path(workdir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CodelingError(f"failed to create the working directory {workdir!r}: "
-                                f"{error.strerror}; pass another --workdir") from error
-        print(f"working directory: {path.resolve()}", flush=True)
+    path, new = working_directory(workdir, "codeling-chat-")
+    print(f"working directory: {path}{' (new, kept after the chat)' if new else ''}", flush=True)
     return ToolBox(path, names=names)

@@ -27,6 +27,7 @@ import json
 import os
 import stat
 import sys
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,24 @@ BUILTIN_TOOLS: list[dict[str, Any]] = [
 ]
 
 TOOL_NAMES = tuple(tool["function"]["name"] for tool in BUILTIN_TOOLS)
+
+
+def working_directory(workdir: str | None, prefix: str) -> tuple[Path, bool]:
+    """Return the tools' working directory and whether it is a new temporary one.
+
+    Without `workdir`, a new temporary directory named PREFIX... is made and left in place
+    afterwards, so that what the tools wrote can be inspected. A given `workdir` is created
+    when missing.
+    """
+    if workdir is None:
+        return Path(tempfile.mkdtemp(prefix=prefix)), True
+    path = Path(workdir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise CodelingError(f"failed to create the working directory {workdir!r}: "
+                            f"{error.strerror}; pass another --workdir") from error
+    return path.resolve(), False
 
 
 def parse_tools_option(value: str) -> list[str] | None:

@@ -6,7 +6,6 @@ import argparse
 import ipaddress
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -69,7 +68,7 @@ def build_toolbox(tools: str, workdir: str | None) -> ToolBox | None:
     Without `workdir`, the tools get a new temporary directory, which is kept after the server
     stops so that what the tools wrote can be inspected.
     """
-    from codeling.tools import ToolBox, parse_tools_option
+    from codeling.tools import ToolBox, parse_tools_option, working_directory
 
     names = parse_tools_option(tools)
     if names is None:
@@ -78,18 +77,9 @@ def build_toolbox(tools: str, workdir: str | None) -> ToolBox | None:
                                 "off; add --tools builtin or drop --workdir")
         return None
 
-    if workdir is None:
-        path = Path(tempfile.mkdtemp(prefix="codeling-serve-"))
-        log.info("tools on: working directory %s (a new temporary directory, kept after the "
-                 "server stops)", path)
-    else:
-        path = Path(workdir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise CodelingError(f"failed to create the working directory {workdir!r}: "
-                                f"{error.strerror}; pass another --workdir") from error
-        log.info("tools on: working directory %s", path.resolve())
+    path, new = working_directory(workdir, "codeling-serve-")
+    log.info("tools on: working directory %s%s", path,
+             " (a new temporary directory, kept after the server stops)" if new else "")
     return ToolBox(path, names=names)
 
 
