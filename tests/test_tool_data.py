@@ -13,6 +13,8 @@ from codeling import chat
 from codeling.cli import main
 from codeling.data.tool_data import (
     CLOSERS,
+    CONNECTORS,
+    EVAL_CONNECTORS,
     HELD_OUT_TOOLS,
     KIND_SHARES,
     KINDS,
@@ -410,3 +412,9 @@ def test_cli_writes_splits(tmp_path, capsys):
 
     assert main(argv) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_connectors_start_with_first_request():
+    # Three requests are joined by two connectors, so text before {a} would appear twice.
+    for template_id, text in CONNECTORS + EVAL_CONNECTORS:
+        assert text.startswith("{a}"), template_id

@@ -69,7 +69,7 @@ SYSTEM_PROMPTS = (
 CONNECTORS = (("connector/t0", "{a} {b}"), ("connector/t1", "{a} Also, {b_lower}"),
               ("connector/t2", "{a}\n{b}"), ("connector/t3", "{a} And {b_lower}"))
 EVAL_CONNECTORS = (("connector/e0", "{a} Plus, {b_lower}"),
-                   ("connector/e1", "Two things. {a} Then: {b}"))
+                   ("connector/e1", "{a} After that, {b_lower}"))
 FOLLOW_UPS = (("follow_up/t0", "{value}"), ("follow_up/t1", "{value}, please."),
               ("follow_up/t2", "Use {value}."))
 EVAL_FOLLOW_UPS = (("follow_up/e0", "It's {value}."), ("follow_up/e1", "Let's go with {value}."))
