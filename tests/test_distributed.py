@@ -139,9 +139,8 @@ def test_two_ranks_match_grad_accum(tmp_path, model):
 
     rank0 = torch.load(tmp_path / "ddp" / "rank0.pt")
     for name, expected in single.model.state_dict().items():
-        # Two ranks sum gradients in another order than one process. After 4 Adam steps at
-        # lr 0.01 that left MoE expert weights 2e-6 apart on an AVX2-only CPU. A rank that used
-        # its own gradients unaveraged would be off by about the learning rate.
+        # The two runs sum gradients in different orders, which left MoE weights 2e-6 apart on
+        # an AVX2-only CPU. Unaveraged gradients would move them by up to lr 0.01 per step.
         torch.testing.assert_close(rank0[name], expected, rtol=1e-4, atol=1e-5, msg=name)
     held = [json.loads((tmp_path / "ddp" / f"rank{r}.json").read_text())["local_numel"]
             for r in range(2)]
