@@ -115,7 +115,8 @@ def test_length_grouping_cuts_padding(small_tokenizer):
     resumed = SFTLoader(examples, 8, 512, small_tokenizer.pad_id, group_by_length=True)
     resumed.load_state_dict(grouped.state_dict())
     second, _ = epoch(grouped)
-    assert sorted(second) == list(range(96)) and second != grouped_answers
+    assert sorted(second) == list(range(96))
+    assert second != grouped_answers
     assert epoch(resumed)[0] == second
 
 

@@ -134,7 +134,7 @@ def test_tools_suite_scores_by_kind():
     turns = [(paris, paris, "single_call"),  # right call
              (rome, paris, "single_call"),  # right tool, wrong argument
              (text, paris, "multi_turn"),  # no call where one was needed
-             (text, text, "no_tool"),  # answered without a call
+             (text, text, "no_tool"),  # a text reply, no call
              (paris, text, "clarify")]  # called where a question was needed
     scores = [{**score_turn(predicted, expected, TOOLS), "kind": kind}
               for predicted, expected, kind in turns]

@@ -127,7 +127,8 @@ def test_library_templates_expand_cleanly():
         for template in tool.requests + tool.eval_requests + tool.vague + tool.eval_vague:
             for plain in template.expansions():
                 assert not {"[", "]", "|"} & set(plain.text), plain.text
-                assert "  " not in plain.text and not plain.text[:1].islower(), plain.text
+                assert "  " not in plain.text, plain.text
+                assert not plain.text[:1].islower(), plain.text
     # The grammars make many more training phrasings than fixed strings would.
     phrasings = sum(len(list(t.expansions())) for tool in TOOLS for t in tool.requests)
     assert phrasings > 10 * sum(len(tool.requests) for tool in TOOLS)
@@ -137,7 +138,8 @@ def test_check_library_finds_malformed_choices():
     tool = TOOLS_BY_NAME["get_weather"]
     broken = type(tool)(**{**vars(tool), "requests": tool.requests + (
         Template("get_weather/t99", "Weather in [{city}|there."),)})
-    assert any("unbalanced or nested" in problem for problem in check_library((broken,)))
+    problems = check_library((broken,))
+    assert sum("unbalanced or nested" in problem for problem in problems) == 1
 
 
 def test_check_library_finds_phrasing_leak():

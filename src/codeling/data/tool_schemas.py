@@ -119,7 +119,7 @@ class Template:
         return self._plain([rng.choice(choices) for choices in self.parts])
 
     def expansions(self) -> Iterator[Template]:
-        """Every plain template this one stands for."""
+        """Yield every plain template that this one expands to."""
         for combination in itertools.product(*self.parts):
             yield self._plain(combination)
 
@@ -990,11 +990,8 @@ def _respond_play_music(args: Mapping[str, Any], rng: Rng) -> tuple[str, str]:
 # -- the library -----------------------------------------------------------------------------
 
 
-# Training phrasings written as choice grammars (see `Template`): each line stands for dozens of
-# requests, so a model learns the words that point to a tool rather than a handful of
-# sentences. They are added after the fixed training phrasings of the tool definitions below.
-# None of their expansions may equal an evaluation-only phrasing, even up to case, punctuation
-# and politeness words; `check_library` enforces that.
+# Training phrasings as choice grammars (see `Template`), added after each tool's fixed ones.
+# `check_library` rejects an expansion that equals an evaluation phrasing (see `phrasing_key`).
 _ASK = "[can you |could you |would you |can you please |could you please ]"
 _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
     "run_python": (
@@ -1602,7 +1599,9 @@ def check_library(tools: tuple[ToolDef, ...] = TOOLS) -> list[str]:
         for param in tool.params:
             if param.type not in JSON_TYPES:
                 problems.append(f"{tool.name}.{param.name}: unknown type {param.type!r}")
-        for template in _plain_templates(tool.requests + tool.eval_requests, problems):
+        plain = {pool: _plain_templates(getattr(tool, pool), problems)
+                 for pool in ("requests", "eval_requests", "vague", "eval_vague")}
+        for template in plain["requests"] + plain["eval_requests"]:
             unknown = set(template.fields) - names
             if unknown:
                 problems.append(f"{template.id}: unknown placeholders {sorted(unknown)} in "
@@ -1613,19 +1612,20 @@ def check_library(tools: tuple[ToolDef, ...] = TOOLS) -> list[str]:
             for name in set(template.fields) & names:
                 if tool.param(name).type == "boolean":
                     problems.append(f"{template.id}: boolean {name} must be fixed, not written")
-        for template in _plain_templates(tool.vague + tool.eval_vague, problems):
+        for template in plain["vague"] + plain["eval_vague"]:
             missing = tool.missing(template)
             if len(missing) != 1:
                 problems.append(f"{template.id}: must leave out exactly one required argument, "
                                 f"leaves out {missing} in {template.text!r}")
             elif not tool.param(missing[0]).ask:
                 problems.append(f"{template.id}: {missing[0]} has no clarifying question")
-        problems += _leaks(tool)
+        problems += _leaks(plain["requests"], plain["eval_requests"])
+        problems += _leaks(plain["vague"], plain["eval_vague"])
     return problems
 
 
 def _plain_templates(templates: tuple[Template, ...], problems: list[str]) -> list[Template]:
-    """Every expansion of `templates`; a malformed choice group is added to `problems`."""
+    """Return every expansion of `templates`, adding each malformed choice group to `problems`."""
     plain = []
     for template in templates:
         try:
@@ -1649,15 +1649,13 @@ def phrasing_key(text: str) -> str:
     return " ".join(word for word in words if word not in _FILLER)
 
 
-def _leaks(tool: ToolDef) -> list[str]:
-    """Evaluation-only phrasings of `tool` that some training phrasing expands to."""
-    pairs = ((tool.requests, tool.eval_requests), (tool.vague, tool.eval_vague))
+def _leaks(train: list[Template], evaluation: list[Template]) -> list[str]:
+    """Return a problem for each evaluation phrasing that equals a training expansion."""
+    seen = {phrasing_key(template.text): template for template in train}
     problems = []
-    for train, evaluation in pairs:
-        seen = {phrasing_key(plain.text): plain for plain in _plain_templates(train, problems)}
-        for plain in _plain_templates(evaluation, problems):
-            twin = seen.get(phrasing_key(plain.text))
-            if twin is not None:
-                problems.append(f"{plain.id}: evaluation phrasing {plain.text!r} equals the "
-                                f"training phrasing {twin.text!r} of {twin.id}")
+    for template in evaluation:
+        twin = seen.get(phrasing_key(template.text))
+        if twin is not None:
+            problems.append(f"{template.id}: evaluation phrasing {template.text!r} equals the "
+                            f"training phrasing {twin.text!r} of {twin.id}")
     return problems

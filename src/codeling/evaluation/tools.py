@@ -104,7 +104,7 @@ def _by_kind(scores: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     """Count the cases of each conversation kind and how many of them were right.
 
     For turns that should call tools: right names and exact calls. For the others: turns
-    answered without a call.
+    without a call.
     """
     kinds: dict[str, dict[str, int]] = {}
     for score in scores:
