@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from codeling.config import ModelConfig, load_config
 from codeling.models.decoder import CodeModel
@@ -50,6 +51,36 @@ def test_cached_decoding_matches_full_forward(arch, split):
             pieces.append(model(tokens[:, start:start + size], cache))
             start += size
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_logits_at_scored_positions_match_full_logits(arch):
+    """The fast path of a masked loss (the output projection only where a target is scored)
+    against the reference (logits everywhere, ignored targets dropped by cross-entropy): the same
+    loss and the same gradient for every parameter."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 300, (3, 21))
+    targets = tokens[:, 1:].clone()
+    targets[torch.rand(targets.shape) < 0.7] = -100
+    scored = (targets.reshape(-1) != -100).nonzero().squeeze(1)
+    assert 0 < len(scored) < targets.numel()
+    losses, grads = [], []
+    for fast in (False, True):
+        torch.manual_seed(1)
+        model = CodeModel(tiny(arch, tie_embeddings=False))
+        if fast:
+            logits = model(tokens[:, :-1], positions=scored)
+            assert logits.shape == (len(scored), 300)
+            loss = F.cross_entropy(logits, targets.reshape(-1)[scored])
+        else:
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1), ignore_index=-100)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({name: param.grad for name, param in model.named_parameters()})
+    torch.testing.assert_close(losses[1], losses[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -45,7 +45,31 @@ MODEL_SETTINGS = {
     # FSDP shards each layer and the root; test_cli_fsdp_checkpoints_load_anywhere covers dense.
     "moe-fsdp": ["train.distributed=fsdp", "model.ffn=moe", "model.n_experts=4",
                  "model.top_k=1", "model.balancer=bias"],
+    # The SFT loss projects only the scored positions, and their count differs between ranks.
+    "dense-sft": ["train.objective=sft"],
 }
+
+
+class MaskedLoader:
+    """A PackedLoader whose targets are scored only where the target token is even, as an SFT
+    batch scores only the assistant's tokens; the mask follows the data, so it is the same for
+    two ranks and for one process with grad accumulation."""
+
+    def __init__(self, loader: PackedLoader):
+        self.loader = loader
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        inputs, targets = next(self.loader)
+        return inputs, targets.masked_fill(targets % 2 == 1, -100)
+
+    def state_dict(self):
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state):
+        self.loader.load_state_dict(state)
 
 
 def free_port() -> int:
@@ -76,6 +100,8 @@ def make_trainer(directory: Path, batch_size: int, grad_accum: int,
     model = CodeModel(config.model)
     loader = PackedLoader([tokens], weights=[1.0], batch_size=batch_size, seq_len=16, seed=5,
                           rank=dist.rank, world_size=dist.world_size)
+    if "train.objective=sft" in model_settings:
+        loader = MaskedLoader(loader)
     # Three batches, so the two ranks evaluate an unequal number of them.
     val = ValidationSplit("val", lambda: iter_eval_batches(tokens[:400], 4, 16, 3), 3.0)
     return Trainer(model, config, loader, [val], directory / "stage", tokenizer_dir, "f" * 64,

@@ -165,8 +165,14 @@ class CodeModel(nn.Module):
         layers = [layer.new_cache(batch_size, max_len, device, dtype) for layer in self.layers]
         return ModelCache(layers, max_len)
 
-    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None) -> torch.Tensor:
-        """Return logits (B, T, V) for tokens (B, T); with a cache, continue from cache.pos."""
+    def forward(self, tokens: torch.Tensor, cache: ModelCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Return logits (B, T, V) for tokens (B, T); with a cache, continue from cache.pos.
+
+        With `positions`, int64 indices into the flattened (B * T) positions, return logits
+        (N, V) for those N positions only. A loss that scores few positions (the assistant's
+        turns of a chat) then skips the output projection everywhere else.
+        """
         pos = cache.pos if cache is not None else 0
         cos, sin = self.rotary(pos, tokens.shape[1])  # (T, E)
         x = self.embed_tokens(tokens)  # (B, T, D)
@@ -178,7 +184,10 @@ class CodeModel(nn.Module):
                 continue
             layer_cache = cache.layers[index] if cache is not None else None
             x = layer(x, cos, sin, layer_cache, pos)
-        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        x = self.norm(x)
+        if positions is not None:
+            x = x.flatten(0, 1).index_select(0, positions)  # (N, D)
+        logits = self.lm_head(x)  # (B, T, V), or (N, V) with positions
         if cache is not None:
             cache.pos = pos + tokens.shape[1]
         return logits

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from codeling.config import RunConfig
+from codeling.data.chat_data import IGNORE_INDEX
 from codeling.errors import CodelingError, ConfigError
 from codeling.models import lora
 from codeling.training import checkpoint as ckpt
@@ -218,17 +219,36 @@ class Trainer:
             return "time budget"
         return ""
 
-    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
-              model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats, with logits upcast to fp32."""
-        with autocast(self.device, self.bf16):
-            logits = (model or self.model)(inputs)  # (B, T, V)
-        return torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]),
-                                                 targets.view(-1))
+    def _scored(self, targets: torch.Tensor) -> torch.Tensor | None:
+        """Flat indices of the scored targets for objective sft, else None (every target).
 
-    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        Taken outside the compiled loss: the count depends on the data, which the compiler
+        cannot trace without a graph break.
+        """
+        if self.train.objective != "sft":
+            return None
+        return (targets.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+
+    def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+              model: torch.nn.Module | None = None,
+              scored: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats, with logits upcast to fp32.
+
+        With `scored` (from `_scored`), logits are computed at those positions only; the loss is
+        the same, since the other targets are ignored.
+        """
+        with autocast(self.device, self.bf16):
+            if scored is None:
+                logits = (model or self.model)(inputs).flatten(0, 1)  # (B * T, V)
+            else:
+                logits = (model or self.model)(inputs, positions=scored)  # (N, V)
+        flat = targets.view(-1) if scored is None else targets.view(-1).index_select(0, scored)
+        return torch.nn.functional.cross_entropy(logits.float(), flat)
+
+    def _train_loss(self, inputs: torch.Tensor, targets: torch.Tensor,
+                    scored: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (objective, language-model loss): the objective adds MoE balancing losses."""
-        loss = self._loss(inputs, targets, self.ddp_model)
+        loss = self._loss(inputs, targets, self.ddp_model, scored)
         auxiliary = self.model.auxiliary_loss() if self.has_moe else torch.zeros_like(loss)
         return loss + auxiliary, loss
 
@@ -250,8 +270,12 @@ class Trainer:
         total_loss = 0.0
         for micro_step in range(self.train.grad_accum):
             inputs, targets = next(self.loader)
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
             with self._sync_context(micro_step):
-                objective, loss = self.loss_fn(inputs.to(self.device), targets.to(self.device))
+                if self.loss_hook is not None:
+                    objective, loss = self.loss_fn(inputs, targets)
+                else:
+                    objective, loss = self.loss_fn(inputs, targets, self._scored(targets))
                 (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
         total_loss = distributed.all_reduce_mean(total_loss)
@@ -284,7 +308,8 @@ class Trainer:
             loss_sum, batch_count = 0.0, 0
             for (inputs, targets), counted in distributed.batches_for_rank(
                     split.batches(), self.dist, lockstep):
-                loss = self._loss(inputs.to(self.device), targets.to(self.device)).item()
+                inputs, targets = inputs.to(self.device), targets.to(self.device)
+                loss = self._loss(inputs, targets, scored=self._scored(targets)).item()
                 if counted:
                     loss_sum += loss
                     batch_count += 1
