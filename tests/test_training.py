@@ -95,6 +95,18 @@ def test_checkpoint_is_atomic_and_pruned(tmp_path, tokens, tokenizer_dir):
     assert not list(root.glob(".*"))
 
 
+
+def test_resolve_checkpoint_from_any_level(tmp_path, tokens, tokenizer_dir):
+    trainer = make_trainer(tmp_path, tokens, 3, tokenizer_dir)
+    trainer.step = 3
+    trainer.save()
+    root = tmp_path / "stage" / "checkpoints"
+    expected = root / "step-000003"
+    for given in (tmp_path, tmp_path / "stage", root, root / "latest", expected):
+        assert ckpt.resolve_checkpoint(given) == expected, given
+    with pytest.raises(ckpt.CheckpointError, match="is a file; pass a run directory"):
+        ckpt.resolve_checkpoint(expected / "config.json")
+
 def test_validation_reports_bits_per_byte(tmp_path, tokens, tokenizer_dir):
     trainer = make_trainer(tmp_path, tokens, 1, tokenizer_dir)
     results = trainer.evaluate()["val"]
