@@ -194,10 +194,10 @@ def _add_eval(commands: argparse._SubParsersAction) -> None:
                                  "validity, HumanEval, tool calling; writes report.md for a run")
     parser.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT",
                         help="run directory, stage directory or checkpoint directory")
-    parser.add_argument("--suite", default="bpb,syntax,humaneval",
-                        help="comma-separated suites: bpb, syntax, humaneval, tools, "
+    parser.add_argument("--suite", default="bpb,copying,syntax,humaneval",
+                        help="comma-separated suites: bpb, copying, syntax, humaneval, tools, "
                         "preferences, execution "
-                        "(default: bpb,syntax,humaneval)")
+                        "(default: bpb,copying,syntax,humaneval)")
     parser.add_argument("--humaneval-samples", type=int, default=10,
                         help="completions sampled per HumanEval problem (default: 10)")
     parser.add_argument("--humaneval-limit", type=int, default=0,

@@ -2,6 +2,9 @@
 
 Suites:
     bpb        bits per byte on the held-out split of every prepared source of the run
+    copying    loss and top-1 accuracy on the second pass of repeated random token sequences:
+               whether the model can copy from its context, as tool-call arguments need (see
+               `codeling.evaluation.copying`)
     syntax     share of sampled Python completions that `ast.parse` accepts and of Bash
                completions that `bash -n` accepts
     humaneval  pass@1 and pass@10 on HumanEval, completions executed in `codeling.sandbox`
@@ -31,12 +34,15 @@ from pathlib import Path
 
 from codeling.config import build_section, option
 from codeling.errors import CodelingError, ConfigError
+from codeling.evaluation import copying
 from codeling.inference.generate import Generator
 from codeling.training import checkpoint as ckpt
 
 log = logging.getLogger(__name__)
 
-SUITES = ["bpb", "syntax", "humaneval", "tools", "preferences", "execution"]
+SUITES = ["bpb", "copying", "syntax", "humaneval", "tools", "preferences", "execution"]
+# Suites cheap enough to run on every stage's checkpoint, so the report shows each stage's change.
+EVERY_STAGE_SUITES = ("bpb", "copying")
 # Suites that need a model tuned for chat; earlier stages are not scored on them.
 CHAT_SUITES = ("tools", "preferences", "execution")
 CHAT_STAGES = ("tools", "rlhf")
@@ -56,9 +62,9 @@ SYNTAX_PROMPTS = [
 class EvalConfig:
     """Settings of the evaluation suites."""
 
-    suites: list[str] = option(["bpb", "syntax", "humaneval"],
-                               "suites to run: bpb, syntax, humaneval, tools, preferences, "
-                               "execution", choices=SUITES)
+    suites: list[str] = option(["bpb", "copying", "syntax", "humaneval"],
+                               "suites to run: bpb, copying, syntax, humaneval, tools, "
+                               "preferences, execution", choices=SUITES)
     humaneval_samples: int = option(10, "completions sampled per HumanEval problem; pass@10 "
                                     "needs at least 10", min=1)
     humaneval_limit: int = option(0, "evaluate only the first N HumanEval problems; 0 = all",
@@ -184,6 +190,7 @@ def write_report(run_dir: Path) -> Path:
             if (run_dir / stage / "loss.png").is_file():
                 lines += [f"![{stage} loss]({stage}/loss.png)", ""]
     lines += _bpb_table(results)
+    lines += copying.report_table(results)
     for stage, result in results.items():
         if "syntax" in result:
             lines += _syntax_section(stage, result["syntax"])
@@ -239,6 +246,15 @@ def run_bpb(generator: Generator, run_dir: Path, config: EvalConfig) -> dict:
     return results
 
 
+def run_copying(generator: Generator) -> dict:
+    result = copying.copying_score(generator.model, generator.tokenizer.eos_id,
+                                   device=generator.device, bf16=generator.bf16)
+    log.info("copying: second pass top-1 %.1f%%, loss %.2f nats (first pass %.2f)",
+             100 * result["second_pass_accuracy"], result["second_pass_loss"],
+             result["first_pass_loss"])
+    return result
+
+
 def run_syntax(generator: Generator, config: EvalConfig) -> dict:
     from codeling.evaluation.syntax import syntax_validity
 
@@ -273,6 +289,8 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
     started = time.perf_counter()
     if "bpb" in config.suites:
         results["bpb"] = run_bpb(generator, run_dir, config)
+    if "copying" in config.suites:
+        results["copying"] = run_copying(generator)
     if "syntax" in config.suites:
         results["syntax"] = run_syntax(generator, config)
     if "humaneval" in config.suites:
@@ -326,8 +344,9 @@ def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
 
 def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
     """Run the pipeline's eval stage, unless done: every suite on the last training stage and
-    bits per byte on the earlier ones, so the report shows what each stage changed. With an
-    rlhf stage, the tools stage also gets HumanEval and the chat suites, as the baseline."""
+    bits per byte and copying on the earlier ones, so the report shows what each stage
+    changed. With an rlhf stage, the tools stage also gets HumanEval and the chat suites, as
+    the baseline."""
     done = run_dir / "eval" / "done.json"
     if done.is_file():
         log.info("stage eval: done (%s exists), skipping", done)
@@ -339,9 +358,11 @@ def run_eval_stage(run_dir: Path, config: EvalConfig) -> None:
                             "stages first")
     for stage in stages:
         checkpoint = ckpt.latest_checkpoint(run_dir / stage)
-        suites = config.suites if stage == stages[-1] else [s for s in config.suites if s == "bpb"]
+        suites = config.suites if stage == stages[-1] else [
+            s for s in config.suites if s in EVERY_STAGE_SUITES]
         if stage == "tools" and "rlhf" in stages and stage != stages[-1]:
-            suites = [s for s in config.suites if s in ("bpb", "humaneval", *CHAT_SUITES)]
+            suites = [s for s in config.suites
+                      if s in (*EVERY_STAGE_SUITES, "humaneval", *CHAT_SUITES)]
         if stage not in CHAT_STAGES:
             suites = [s for s in suites if s not in CHAT_SUITES]
         if not suites:
