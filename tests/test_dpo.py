@@ -121,6 +121,20 @@ def toy_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return inputs, targets
 
 
+
+def test_hook_log_probs_match_full_logits():
+    """The hook's fast path (logits at scored positions only) against sequence_log_probs over
+    logits at every position, with a row that has no scored target."""
+    model = tiny_model()
+    inputs, targets = toy_batch()
+    targets[3] = IGNORE_INDEX
+    hook = DPOLoss(model, model, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+                   device=torch.device("cpu"), bf16=False)
+    total, count = hook.log_probs(model, inputs, targets)
+    expected_total, expected_count = sequence_log_probs(model(inputs), targets)
+    torch.testing.assert_close(total, expected_total)
+    assert count.tolist() == expected_count.tolist() == [3, 3, 3, 0]
+
 def test_hook_starts_at_log_two_with_zero_rewards():
     model = tiny_model()
     hook = DPOLoss(model, copy.deepcopy(model).eval(), beta=0.1, loss_type="sigmoid",

@@ -195,13 +195,17 @@ def run_copy(trained_run, tmp_path):
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
-def test_sft_trains_resumes_and_generates(run_copy, tmp_path, lora_rank):
+def test_sft_trains_resumes_and_generates(run_copy, tmp_path, lora_rank, caplog):
     run_dir, data_file = run_copy
     config = write_config(tmp_path / "sft.yaml",
                           sft_config(run_dir, data_file, max_steps=2, lora_rank=lora_rank))
     assert main(["train", "--config", str(config)]) == 0
+    # The tiny starting checkpoint trained for seconds, so it cannot copy yet.
+    assert "the starting checkpoint does not copy from its context" in caplog.text
+    caplog.clear()
     write_config(config, sft_config(run_dir, data_file, max_steps=4, lora_rank=lora_rank))
     assert main(["train", "--config", str(config), "--resume"]) == 0
+    assert "copy from its context" not in caplog.text  # probed on a fresh start only
     checkpoint = ckpt.latest_checkpoint(run_dir / "tools")
     assert checkpoint.name == "step-000004"
     metrics = [json.loads(line) for line in (run_dir / "tools" / "metrics.jsonl").read_text()

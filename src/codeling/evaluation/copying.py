@@ -19,6 +19,7 @@ pretraining first.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ from torch import nn
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS
 from codeling.training.device import autocast
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROWS = 16
 DEFAULT_LENGTH = 64
@@ -106,3 +109,24 @@ def report_table(results: dict[str, dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(
             form.format(results[stage]["copying"][key]) for stage in stages) + " |")
     return lines + [""]
+
+
+def warn_if_no_copying(model: nn.Module, eos_id: int, device: torch.device | str = "cpu",
+                       bf16: bool = False, threshold: float = 0.05) -> dict[str, Any]:
+    """Probe a model before tool-call training and warn when it cannot copy; return the result.
+
+    Exact tool-call arguments need copying, so a starting checkpoint below `threshold`
+    second-pass accuracy will mostly write memorized argument values.
+    """
+    result = copying_score(model, eos_id, device=device, bf16=bf16,
+                           length=min(DEFAULT_LENGTH, (model.config.max_seq_len - 1) // 2))
+    accuracy = result["second_pass_accuracy"]
+    if accuracy < threshold:
+        log.warning("the starting checkpoint does not copy from its context (second-pass top-1 "
+                    "%.1f%% on repeated random tokens), so its tool-call arguments will be "
+                    "memorized values rather than copies of the request; train the language and "
+                    "code stages longer first (docs/reference/TROUBLESHOOTING.md)", 100 * accuracy)
+    else:
+        log.info("copying probe of the starting checkpoint: second-pass top-1 %.1f%%",
+                 100 * accuracy)
+    return result

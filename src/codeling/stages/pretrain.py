@@ -26,6 +26,7 @@ import torch
 from codeling.config import RunConfig, config_to_dict, save_config
 from codeling.data import shards, sources
 from codeling.data.loader import PackedLoader, iter_eval_batches
+from codeling.evaluation import copying
 from codeling.stages import finetune
 from codeling.errors import (CheckpointError, CodelingError, ConfigError,
                              SourceUnreachableError)
@@ -410,6 +411,9 @@ def run_training(config: RunConfig, resume: bool = False) -> TrainResult:
         restore(trainer, model, checkpoint, tokenizer, config)
     elif init_checkpoint is not None and not config.train.lora_rank:
         initialize_from(model, init_checkpoint, tokenizer)
+    if (sft and checkpoint is None and init_checkpoint is not None and dist.is_main
+            and not distributed.is_sharded(model)):
+        copying.warn_if_no_copying(model, tokenizer.eos_id, device, bf16)
     if dist.is_main:
         save_config(config, run_dir / "config.yaml")
         stage_dir.mkdir(parents=True, exist_ok=True)

@@ -130,10 +130,20 @@ class DPOLoss:
 
     def log_probs(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (summed completion log-probabilities, completion token counts), each (2B,)."""
+        """Return (summed completion log-probabilities, completion token counts), each (2B,).
+
+        The model projects onto the vocabulary only at the scored positions. The result is the
+        same as `sequence_log_probs` over logits at every position.
+        """
+        rows, length = targets.shape
+        scored = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
         with autocast(self.device, self.bf16):
-            logits = model(inputs)  # (2B, L, V)
-        return sequence_log_probs(logits, targets)
+            logits = model(inputs, positions=scored)  # (N, V)
+        token_log_probs = -F.cross_entropy(logits.float(), targets.reshape(-1)[scored],
+                                           reduction="none")  # (N,)
+        row = torch.div(scored, length, rounding_mode="floor")
+        sums = token_log_probs.new_zeros(rows).index_add(0, row, token_log_probs)
+        return sums, torch.bincount(row, minlength=rows)
 
     def pair_loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                   ) -> tuple[PreferenceLoss, torch.Tensor, torch.Tensor, torch.Tensor]:
