@@ -9,7 +9,7 @@ Random tokens cannot be predicted on the first pass, so the loss there stays nea
 for any model. On the second pass, a model that has learned to copy can look up the token that
 followed the current one in the first pass. Its loss then falls and its top-1 accuracy rises.
 Transformers learn this with induction heads. The first token of the second pass follows tL,
-which says nothing about t1, so it is scored with the first pass.
+which gives no clue to t1, so it is scored with the first pass.
 
 Copying is what a tool call's arguments need: a city, a path or a code snippet from the user's
 request must come out token for token. A model whose repeat accuracy is near zero cannot pass
