@@ -107,6 +107,20 @@ def test_resolve_checkpoint_from_any_level(tmp_path, tokens, tokenizer_dir):
     with pytest.raises(ckpt.CheckpointError, match="is a file; pass a run directory"):
         ckpt.resolve_checkpoint(expected / "config.json")
 
+
+def test_tokens_count_the_rows_processed(tmp_path, tokens, tokenizer_dir):
+    """SFT batches are cut to their longest conversation, so the token count (and the tokens/s
+    and MFU computed from it) follows the batches' real lengths, not batch_size x seq_len."""
+    trainer = make_trainer(tmp_path, tokens, 2, tokenizer_dir)
+    lengths = iter([8, 16, 8, 16])  # two micro-batches per step (grad_accum 2)
+    trainer.loader = ((torch.randint(0, 256, (4, n)), torch.randint(0, 256, (4, n)))
+                      for n in lengths)
+    trainer.train_step()
+    assert trainer.tokens == 4 * 8 + 4 * 16
+    trainer.train_step()
+    assert trainer.tokens == 2 * (4 * 8 + 4 * 16)
+    assert trainer.tokens < 2 * trainer.tokens_per_step
+
 def test_validation_reports_bits_per_byte(tmp_path, tokens, tokenizer_dir):
     trainer = make_trainer(tmp_path, tokens, 1, tokenizer_dir)
     results = trainer.evaluate()["val"]

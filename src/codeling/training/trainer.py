@@ -132,6 +132,7 @@ class Trainer:
         self.optimizer = build_optimizer(model, self.train, device)
         self.step = 0
         self.tokens = 0
+        self.last_step_tokens = 0
         self.elapsed = 0.0
         self.tokens_per_step = (self.train.batch_size * self.train.seq_len
                                 * self.train.grad_accum * self.dist.world_size)
@@ -262,23 +263,36 @@ class Trainer:
         """Run one optimizer step over grad_accum micro-batches; return (loss, grad norm).
 
         Under DDP the loss is the mean over all ranks, and the grad norm is taken after DDP's
-        all-reduce, so both describe the global batch.
+        all-reduce, so both describe the global batch. `self.tokens` grows by the input tokens
+        the step processed on all ranks: batch x seq_len per row for language modeling, and
+        each batch's padded length for SFT, whose rows are cut to the batch's longest
+        conversation.
         """
         lr = lr_at(self.step, self.progress(), self.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss = 0.0
+        total_loss, processed = 0.0, 0
         for micro_step in range(self.train.grad_accum):
             inputs, targets = next(self.loader)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
+            processed += inputs.numel()
             with self._sync_context(micro_step):
                 if self.loss_hook is not None:
                     objective, loss = self.loss_fn(inputs, targets)
                 else:
-                    objective, loss = self.loss_fn(inputs, targets, self._scored(targets))
+                    scored = self._scored(targets)
+                    if scored is not None and self.train.compile:
+                        # SFT batches vary in length and in scored count. Marked dynamic, the
+                        # first compilation serves them all instead of recompiling on each
+                        # new size until the compiler gives up on static shapes.
+                        torch._dynamo.maybe_mark_dynamic(inputs, 1)
+                        torch._dynamo.maybe_mark_dynamic(targets, 1)
+                        torch._dynamo.maybe_mark_dynamic(scored, 0)
+                    objective, loss = self.loss_fn(inputs, targets, scored)
                 (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
-        total_loss = distributed.all_reduce_mean(total_loss)
+        total_loss, processed = distributed.all_reduce([total_loss, float(processed)])
+        total_loss /= self.dist.world_size
         if self.loss_hook is not None:
             self.step_metrics = self.loss_hook.step_metrics()
         if self.train.grad_clip > 0:
@@ -290,7 +304,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_optimizer_step()
         self.step += 1
-        self.tokens += self.tokens_per_step
+        self.last_step_tokens = int(processed)
+        self.tokens += self.last_step_tokens
         return total_loss, float(norm)
 
     @torch.no_grad()
@@ -363,7 +378,7 @@ class Trainer:
                     step_start = time.perf_counter()
                     loss, norm = self.train_step()
                     self.elapsed += time.perf_counter() - step_start
-                    window_tokens += self.tokens_per_step
+                    window_tokens += self.last_step_tokens
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}")
