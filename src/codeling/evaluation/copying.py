@@ -38,13 +38,14 @@ DEFAULT_LENGTH = 64
 
 
 @torch.no_grad()
-def copying_score(model: nn.Module, eos_id: int, rows: int = DEFAULT_ROWS,
+def copying_score(model: nn.Module, eos_id: int | None, rows: int = DEFAULT_ROWS,
                   length: int = DEFAULT_LENGTH, seed: int = 0,
                   device: torch.device | str = "cpu", bf16: bool = False) -> dict[str, Any]:
     """Return the losses (nats per token) and top-1 accuracy on the first and second pass.
 
     `copy_gain` is the first-pass loss minus the second-pass loss: near 0 for a model that does
-    not copy, up to the first-pass loss for one that copies perfectly.
+    not copy, up to the first-pass loss for one that copies perfectly. With `eos_id` None the
+    rows start with the sequence itself, as `codeling.evaluation.recall.copy_recall` lays them.
     """
     vocab_size = model.config.vocab_size
     first_ordinary = len(SPECIAL_TOKENS)
@@ -54,27 +55,30 @@ def copying_score(model: nn.Module, eos_id: int, rows: int = DEFAULT_ROWS,
     if rows < 1 or length < 2:
         raise CodelingError(f"copying probe needs rows >= 1 and length >= 2, got rows {rows} "
                             f"and length {length}")
-    if 2 * length + 1 > model.config.max_seq_len:
-        raise CodelingError(f"copying probe rows of 2 x {length} + 1 tokens exceed the model's "
-                            f"context {model.config.max_seq_len}; pass a smaller length")
+    prefix = 0 if eos_id is None else 1
+    if 2 * length + prefix > model.config.max_seq_len:
+        raise CodelingError(f"copying probe rows of 2 x {length} + {prefix} tokens exceed the "
+                            f"model's context {model.config.max_seq_len}; pass a smaller length")
     generator = torch.Generator().manual_seed(seed)
     sequence = torch.randint(first_ordinary, vocab_size, (rows, length), generator=generator)
-    eos = torch.full((rows, 1), eos_id, dtype=torch.long)
-    tokens = torch.cat([eos, sequence, sequence], dim=1).to(device)  # (rows, 2L + 1)
+    eos = torch.full((rows, prefix), 0 if eos_id is None else eos_id, dtype=torch.long)
+    tokens = torch.cat([eos, sequence, sequence], dim=1).to(device)  # (rows, 2L + prefix)
 
     was_training = model.training
     model.eval()
     try:
         with autocast(torch.device(device) if isinstance(device, str) else device, bf16):
-            logits = model(tokens[:, :-1])  # (rows, 2L, V)
+            logits = model(tokens[:, :-1])  # (rows, 2L + prefix - 1, V)
     finally:
         model.train(was_training)
     logits = logits.float()
     targets = tokens[:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (rows, 2L)
     correct = (logits.argmax(dim=-1) == targets).float()
-    # Positions 0..L predict the first pass and t1 of the second; L+1..2L-1 can be copied.
-    first, second = slice(0, length + 1), slice(length + 1, 2 * length)
+    # With the eos prefix, positions 0..L predict the first pass and t1 of the second, and
+    # L+1..2L-1 can be copied. Without it, every position is one earlier and t1 is not predicted.
+    first = slice(0, length + prefix)
+    second = slice(length + prefix, 2 * length - 1 + prefix)
     first_loss = float(losses[:, first].mean())
     second_loss = float(losses[:, second].mean())
     return {

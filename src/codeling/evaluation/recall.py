@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from codeling.evaluation.copying import copying_score
 from codeling.models.decoder import CodeModel
 from codeling.tokenizer import SPECIAL_TOKENS
 
@@ -35,18 +36,11 @@ def _random_tokens(generator: torch.Generator, vocab_size: int, shape: tuple[int
     return torch.randint(low, vocab_size, shape, generator=generator)
 
 
-@torch.no_grad()
 def copy_recall(model: CodeModel, length: int = 32, trials: int = 16, seed: int = 0) -> float:
     """Return the greedy accuracy over the second half of random sequences repeated twice."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = model.config.vocab_size
-    first = _random_tokens(generator, vocab, (trials, length))
-    tokens = torch.cat([first, first], dim=1).to(model.embed_tokens.weight.device)  # (N, 2L)
-    predictions = model(tokens[:, :-1]).argmax(-1)  # (N, 2L - 1)
-    # Position i predicts token i + 1; the second copy starts at token `length`, and its first
-    # token cannot be inferred, so score the predictions of tokens length+1 .. 2L-1.
-    second = predictions[:, length:]
-    return (second == tokens[:, length + 1:]).float().mean().item()
+    result = copying_score(model, None, rows=trials, length=length, seed=seed,
+                           device=model.embed_tokens.weight.device)
+    return result["second_pass_accuracy"]
 
 
 @torch.no_grad()
