@@ -391,6 +391,7 @@ def test_eval_stage_scores_tools_before_rlhf(built_run, monkeypatch):
     monkeypatch.setattr(suite, "run_suites", record)
     config = suite.build_eval_config({"suites": list(suite.SUITES)})
     suite.run_eval_stage(built_run, config)
-    assert scored["code"] == ["bpb"]
-    assert scored["tools"] == ["bpb", "humaneval", "tools", "preferences", "execution"]
+    assert scored["code"] == ["bpb", "copying"]
+    assert scored["tools"] == ["bpb", "copying", "humaneval", "tools", "preferences",
+                               "execution"]
     assert scored["rlhf"] == list(suite.SUITES)
