@@ -54,7 +54,7 @@ def test_cached_decoding_matches_full_forward(arch, split):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_logits_at_scored_positions_match_full_logits(arch):
+def test_scored_logits_match_full_logits(arch):
     """The fast path of a masked loss (the output projection only where a target is scored)
     against the reference (logits everywhere, ignored targets dropped by cross-entropy): the same
     loss and the same gradient for every parameter."""

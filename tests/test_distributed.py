@@ -52,8 +52,8 @@ MODEL_SETTINGS = {
 
 class MaskedLoader:
     """A PackedLoader whose targets are scored only where the target token is even, as an SFT
-    batch scores only the assistant's tokens; the mask follows the data, so it is the same for
-    two ranks and for one process with grad accumulation."""
+    batch scores only the assistant's tokens. The mask follows the data, so two ranks and one
+    process with grad accumulation get the same mask."""
 
     def __init__(self, loader: PackedLoader):
         self.loader = loader
