@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -26,13 +25,14 @@ import torch.nn.functional as F
 from codeling.config import load_config
 from codeling.models.decoder import CodeModel
 from codeling.training.device import autocast, cpu_supports_bf16
-from codeling.training.optim import parameter_groups
+
+from train_throughput import train_steps  # the same timed AdamW loop
 
 
-def make_loss(model: CodeModel, bf16: bool, scored_only: bool):
-    """Return loss(inputs, targets, scored): the SFT loss with or without the fast path."""
+def make_loss(model: CodeModel, bf16: bool, scored: torch.Tensor, scored_only: bool):
+    """Return loss(inputs, targets): the SFT loss with or without the fast path."""
 
-    def loss(inputs: torch.Tensor, targets: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+    def loss(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with autocast(torch.device("cpu"), bf16):
             if scored_only:
                 logits = model(inputs, positions=scored)  # (N, V)
@@ -42,17 +42,6 @@ def make_loss(model: CodeModel, bf16: bool, scored_only: bool):
         return F.cross_entropy(logits.float(), flat)
 
     return loss
-
-
-def train_steps(model: CodeModel, loss_fn, batch, steps: int) -> float:
-    """Run `steps` AdamW steps on one fixed batch; return the seconds they took."""
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.1), lr=1e-4)
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss_fn(*batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -83,10 +72,10 @@ def main() -> None:
     first_scored = round(args.seq_len * (1 - args.scored))
     targets[:, :first_scored] = -100
     scored = (targets.view(-1) != -100).nonzero().squeeze(1)
-    batch = (inputs, targets, scored)
+    batch = (inputs, targets)
 
-    candidates = {"logits at every position (reference)": make_loss(model, bf16, False),
-                  "logits at scored positions": make_loss(model, bf16, True)}
+    candidates = {"logits at every position (reference)": make_loss(model, bf16, scored, False),
+                  "logits at scored positions": make_loss(model, bf16, scored, True)}
     if args.compile:
         candidates = {name: torch.compile(fn) for name, fn in candidates.items()}
     for loss_fn in candidates.values():
