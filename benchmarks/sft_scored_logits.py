@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from codeling.config import load_config
+from codeling.data.chat_data import scored_positions
 from codeling.models.decoder import CodeModel
 from codeling.training.device import autocast, cpu_supports_bf16
 
@@ -71,7 +72,7 @@ def main() -> None:
     # The assistant's turns close a conversation, so score the last positions of each row.
     first_scored = round(args.seq_len * (1 - args.scored))
     targets[:, :first_scored] = -100
-    scored = (targets.view(-1) != -100).nonzero().squeeze(1)
+    scored = scored_positions(targets)
     batch = (inputs, targets)
 
     candidates = {"logits at every position (reference)": make_loss(model, bf16, scored, False),

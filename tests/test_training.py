@@ -102,8 +102,8 @@ def test_resolve_checkpoint_from_any_level(tmp_path, tokens, tokenizer_dir):
     trainer.save()
     root = tmp_path / "stage" / "checkpoints"
     expected = root / "step-000003"
-    for given in (tmp_path, tmp_path / "stage", root, root / "latest", expected):
-        assert ckpt.resolve_checkpoint(given) == expected, given
+    for path in (tmp_path, tmp_path / "stage", root, root / "latest", expected):
+        assert ckpt.resolve_checkpoint(path) == expected, path
     with pytest.raises(ckpt.CheckpointError, match="is a file; pass a run directory"):
         ckpt.resolve_checkpoint(expected / "config.json")
 

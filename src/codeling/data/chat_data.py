@@ -42,6 +42,11 @@ TOOL_CONVERSATIONS = "tool-conversations"
 CHAT_PREFIX = "chat:"
 PAD_MULTIPLE = 64
 IGNORE_INDEX = -100
+
+
+def scored_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Return the flat indices of the targets that are not IGNORE_INDEX, int64 of shape (N,)."""
+    return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
 STATE_VERSION = 1
 
 

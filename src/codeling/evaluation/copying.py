@@ -67,13 +67,13 @@ def copying_score(model: nn.Module, eos_id: int | None, rows: int = DEFAULT_ROWS
     was_training = model.training
     model.eval()
     try:
-        with autocast(torch.device(device) if isinstance(device, str) else device, bf16):
-            logits = model(tokens[:, :-1])  # (rows, 2L + prefix - 1, V)
+        with autocast(torch.device(device), bf16):
+            logits = model(tokens[:, :-1])  # (rows, P, V) with P = 2L + prefix - 1
     finally:
         model.train(was_training)
     logits = logits.float()
     targets = tokens[:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (rows, 2L)
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")  # (rows, P)
     correct = (logits.argmax(dim=-1) == targets).float()
     # With the eos prefix, positions 0..L predict the first pass and t1 of the second, and
     # L+1..2L-1 can be copied. Without it, every position is one earlier and t1 is not predicted.

@@ -42,7 +42,7 @@ from torch import nn
 
 from codeling.config import RunConfig
 from codeling.data import preferences
-from codeling.data.chat_data import IGNORE_INDEX
+from codeling.data.chat_data import IGNORE_INDEX, scored_positions
 from codeling.data.preference_builder import build_settings_of
 from codeling.errors import CodelingError, ConfigError
 from codeling.models.decoder import CodeModel
@@ -136,7 +136,7 @@ class DPOLoss:
         same as `sequence_log_probs` over logits at every position.
         """
         rows, length = targets.shape
-        scored = (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)  # (N,)
+        scored = scored_positions(targets)  # (N,)
         with autocast(self.device, self.bf16):
             logits = model(inputs, positions=scored)  # (N, V)
         token_log_probs = -F.cross_entropy(logits.float(), targets.reshape(-1)[scored],

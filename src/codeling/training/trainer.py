@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from codeling.config import RunConfig
-from codeling.data.chat_data import IGNORE_INDEX
+from codeling.data.chat_data import scored_positions
 from codeling.errors import CodelingError, ConfigError
 from codeling.models import lora
 from codeling.training import checkpoint as ckpt
@@ -228,7 +228,7 @@ class Trainer:
         """
         if self.train.objective != "sft":
             return None
-        return (targets.view(-1) != IGNORE_INDEX).nonzero().squeeze(1)
+        return scored_positions(targets)
 
     def _loss(self, inputs: torch.Tensor, targets: torch.Tensor,
               model: torch.nn.Module | None = None,
