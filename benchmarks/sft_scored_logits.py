@@ -15,7 +15,6 @@ model, weights, batch and mask, and run AdamW steps in interleaved rounds in one
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from codeling.data.chat_data import scored_positions
 from codeling.models.decoder import CodeModel
 from codeling.training.device import autocast, cpu_supports_bf16
 
-from train_throughput import train_steps  # the same timed AdamW loop
+from train_throughput import append_results, train_steps  # timed AdamW loop, results writer
 
 
 def make_loss(model: CodeModel, bf16: bool, scored: torch.Tensor, scored_only: bool):
@@ -100,13 +99,9 @@ def main() -> None:
     lines += ["", f"Median of {args.rounds} interleaved rounds of {args.steps} steps each."]
     print("\n".join(lines))
     if args.write:
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        flags = f" --preset {args.preset}" + (" --compile" if args.compile else "")
-        section = [f"## SFT logits at scored positions: {args.preset}", "",
-                   f"Machine: {machine}. Command: `python benchmarks/sft_scored_logits.py"
-                   f"{flags}`.", ""] + lines + [""]
-        with args.write.open("a") as handle:
-            handle.write("\n".join(section) + "\n")
+        append_results(args.write, f"SFT logits at scored positions: {args.preset}",
+                       f"python benchmarks/sft_scored_logits.py --preset {args.preset}"
+                       + (" --compile" if args.compile else ""), lines)
 
 
 if __name__ == "__main__":

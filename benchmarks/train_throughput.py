@@ -110,12 +110,17 @@ def main() -> None:
               f"Median of {args.rounds} interleaved rounds of {args.steps} steps each."]
     print("\n".join(lines))
     if args.write:
-        machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        section = [f"## Train throughput: {args.preset}", "",
-                   f"Machine: {machine}. Command: `python benchmarks/train_throughput.py"
-                   f"{' --compile' if args.compile else ''}`.", ""] + lines + [""]
-        with args.write.open("a") as handle:
-            handle.write("\n".join(section) + "\n")
+        append_results(args.write, f"Train throughput: {args.preset}",
+                       "python benchmarks/train_throughput.py"
+                       + (" --compile" if args.compile else ""), lines)
+
+
+def append_results(path: Path, title: str, command: str, lines: list[str]) -> None:
+    """Append a results section (title, machine, command, then the lines) to a markdown file."""
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    section = [f"## {title}", "", f"Machine: {machine}. Command: `{command}`.", ""] + lines
+    with path.open("a") as handle:
+        handle.write("\n".join(section + [""]) + "\n")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from codeling.config import TrainConfig, load_config
+from codeling.data.chat_data import scored_positions
 from codeling.data.loader import PackedLoader, iter_eval_batches
 from codeling.models.decoder import CodeModel
 from codeling.training import checkpoint as ckpt
@@ -120,6 +121,23 @@ def test_tokens_count_the_rows_processed(tmp_path, tokens, tokenizer_dir):
     trainer.train_step()
     assert trainer.tokens == 2 * (4 * 8 + 4 * 16)
     assert trainer.tokens < 2 * trainer.tokens_per_step
+    model = trainer.model
+    expected = 4 * 8 * model.flops_per_token(8) + 4 * 16 * model.flops_per_token(16)
+    assert trainer.last_step_flops == pytest.approx(expected)
+
+
+def test_flops_count_the_head_only_where_scored(tmp_path, tokens, tokenizer_dir):
+    """SFT computes logits only at the scored positions, so the MFU estimate charges the
+    output head for those alone."""
+    trainer = make_trainer(tmp_path, tokens, 1, tokenizer_dir)
+    model = trainer.model
+    targets = torch.full((4, 16), -100)
+    targets[:, 10:13] = 7  # 3 scored positions per row
+    flops = trainer._batch_flops(torch.zeros(4, 16, dtype=torch.long),
+                                 scored_positions(targets))
+    body = model.flops_per_token(16, head=False)
+    assert flops == pytest.approx(64 * body + 12 * model.head_flops_per_token())
+    assert body + model.head_flops_per_token() == pytest.approx(model.flops_per_token(16))
 
 def test_validation_reports_bits_per_byte(tmp_path, tokens, tokenizer_dir):
     trainer = make_trainer(tmp_path, tokens, 1, tokenizer_dir)

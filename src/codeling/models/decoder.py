@@ -231,22 +231,29 @@ class CodeModel(nn.Module):
             if isinstance(module, MoEFeedForward) and module.balancer == "bias":
                 module.update_bias(self.config.bias_update_rate)
 
-    def flops_per_token(self, seq_len: int) -> float:
+    def flops_per_token(self, seq_len: int, head: bool = True) -> float:
         """Estimate training FLOPs per token (forward + backward) at a given sequence length.
 
         The matmuls cost 6 FLOPs per weight per token. Attention scores and weighted sums add
         12 * layers * d_model * seq_len, halved because the causal mask skips half of them in
         kernels that use it. Mamba-2 layers add an estimate of the scan itself. MoE layers count
         only the active experts. The input embedding is a lookup, so it is not counted; the
-        output head is.
+        output head is, unless `head` is False (for positions whose logits are not computed,
+        see `forward`'s `positions`; `head_flops_per_token` is the rest).
         """
         config = self.config
         matmul_params = self.num_parameters(exclude_embeddings=True, active=True)
         if config.tie_embeddings:
             matmul_params += self.lm_head.weight.numel()
+        if not head:
+            matmul_params -= self.lm_head.weight.numel()
         pattern = config.resolved_layer_pattern()
         attention = 12 * pattern.count("A") * config.d_model * seq_len / 2
         return 6 * matmul_params + attention + 3 * pattern.count("M") * self._ssd_forward_flops()
+
+    def head_flops_per_token(self) -> float:
+        """Training FLOPs of the output head for one position whose logits are computed."""
+        return 6 * self.lm_head.weight.numel()
 
     def _ssd_forward_flops(self) -> float:
         """Estimate forward FLOPs per token of one SSD scan beyond its projections.

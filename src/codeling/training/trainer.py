@@ -133,6 +133,7 @@ class Trainer:
         self.step = 0
         self.tokens = 0
         self.last_step_tokens = 0
+        self.last_step_flops = 0.0  # estimated, over all ranks, for MFU
         self.elapsed = 0.0
         self.tokens_per_step = (self.train.batch_size * self.train.seq_len
                                 * self.train.grad_accum * self.dist.world_size)
@@ -271,16 +272,18 @@ class Trainer:
         lr = lr_at(self.step, self.progress(), self.train)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total_loss, processed = 0.0, 0
+        total_loss, processed, flops = 0.0, 0, 0.0
         for micro_step in range(self.train.grad_accum):
             inputs, targets = next(self.loader)
             inputs, targets = inputs.to(self.device), targets.to(self.device)
             processed += inputs.numel()
             with self._sync_context(micro_step):
                 if self.loss_hook is not None:
+                    flops += inputs.numel() * self.model.flops_per_token(inputs.shape[1])
                     objective, loss = self.loss_fn(inputs, targets)
                 else:
                     scored = self._scored(targets)
+                    flops += self._batch_flops(inputs, scored)
                     if scored is not None and self.train.compile:
                         # SFT batches vary in length and in scored count. Marked dynamic, the
                         # first compilation serves them all instead of recompiling on each
@@ -291,7 +294,8 @@ class Trainer:
                     objective, loss = self.loss_fn(inputs, targets, scored)
                 (objective / self.train.grad_accum).backward()
             total_loss += loss.item() / self.train.grad_accum
-        total_loss, processed = distributed.all_reduce([total_loss, float(processed)])
+        total_loss, processed, flops = distributed.all_reduce([total_loss, float(processed),
+                                                               flops])
         total_loss /= self.dist.world_size
         if self.loss_hook is not None:
             self.step_metrics = self.loss_hook.step_metrics()
@@ -305,8 +309,20 @@ class Trainer:
         self.model.after_optimizer_step()
         self.step += 1
         self.last_step_tokens = int(processed)
+        self.last_step_flops = flops
         self.tokens += self.last_step_tokens
         return total_loss, float(norm)
+
+    def _batch_flops(self, inputs: torch.Tensor, scored: torch.Tensor | None) -> float:
+        """Estimate the training FLOPs of one micro-batch, for MFU.
+
+        Each row costs its padded length's per-token FLOPs, and the output head counts only
+        the positions whose logits are computed: all of them for language modeling, the
+        scored ones for SFT.
+        """
+        body = inputs.numel() * self.model.flops_per_token(inputs.shape[1], head=False)
+        head_positions = inputs.numel() if scored is None else scored.numel()
+        return body + head_positions * self.model.head_flops_per_token()
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -359,7 +375,6 @@ class Trainer:
         schedule, which still follows the full budget.
         """
         self.stage_dir.mkdir(parents=True, exist_ok=True)
-        flops_per_token = self.model.flops_per_token(self.train.seq_len)
         peak, peak_source = peak_flops(self.device, self.bf16)
         if self.dist.is_main:
             log.info("MFU is measured against %.3g GFLOP/s per device (%s)", peak / 1e9,
@@ -369,7 +384,7 @@ class Trainer:
             self.trackers = loggers.open_trackers(self.train.log_to, self.stage_dir,
                                                   self.config, self.step)
         self.model.train()
-        window_start, window_tokens = time.perf_counter(), 0
+        window_start, window_tokens, window_flops = time.perf_counter(), 0, 0.0
         loss, stop_reason, val = float("nan"), "", {}
         bar = _progress_bar(self.total_steps, self.step) if self.dist.is_main else None
         with _StopRequest() as stop:
@@ -379,6 +394,7 @@ class Trainer:
                     loss, norm = self.train_step()
                     self.elapsed += time.perf_counter() - step_start
                     window_tokens += self.last_step_tokens
+                    window_flops += self.last_step_flops
                     if bar is not None:
                         bar.update(1)
                         bar.set_postfix(loss=f"{loss:.3f}")
@@ -388,10 +404,11 @@ class Trainer:
                             "set train.grad_clip, then resume from the last checkpoint")
                     if self.step % self.train.log_every == 0 or self.step == 1:
                         now = time.perf_counter()
-                        rate = window_tokens / max(now - window_start, 1e-9)
+                        seconds = max(now - window_start, 1e-9)
                         if self.dist.is_main:
-                            self._log_step(loss, norm, rate, rate * flops_per_token / peak)
-                        window_start, window_tokens = now, 0
+                            self._log_step(loss, norm, window_tokens / seconds,
+                                           window_flops / seconds / peak)
+                        window_start, window_tokens, window_flops = now, 0, 0.0
                     if self.train.eval_every and self.step % self.train.eval_every == 0:
                         val = self._run_eval()
                     if self.train.checkpoint_every and self.step % self.train.checkpoint_every == 0:
