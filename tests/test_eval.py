@@ -60,3 +60,24 @@ def test_report_lists_each_validation_split_once(tmp_path):
     assert row.count("python-stdlib") == 1
     assert row.count("shell-scripts") == 1
     assert "python-stdlib 3.250 / 2.000; shell-scripts 4.250 / 3.000" in row
+
+
+def test_eval_keeps_saved_results(trained_run, tmp_path):
+    """A second suite adds to the latest checkpoint's results, and an earlier checkpoint's
+    results go to their own file, so neither replaces what the report card shows."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    latest = (run / "code" / "checkpoints" / "latest").read_text().strip()
+    assert main(["eval", str(run), "--suite", "bpb"]) == 0
+    assert main(["eval", str(run), "--suite", "copying"]) == 0
+    saved = json.loads((run / "eval" / "code.json").read_text())
+    assert "bpb" in saved
+    assert "copying" in saved
+    assert saved["checkpoint"].endswith(latest)
+
+    earlier = run / "code" / "checkpoints" / "step-000001"
+    shutil.copytree(run / "code" / "checkpoints" / latest, earlier)
+    assert main(["eval", str(earlier), "--suite", "copying"]) == 0
+    side = json.loads((run / "eval" / "code-step-000001.json").read_text())
+    assert side["checkpoint"] == str(earlier)
+    assert json.loads((run / "eval" / "code.json").read_text()) == saved

@@ -247,7 +247,9 @@ def run_bpb(generator: Generator, run_dir: Path, config: EvalConfig) -> dict:
 
 
 def run_copying(generator: Generator) -> dict:
-    result = copying.copying_score(generator.model, generator.tokenizer.eos_id,
+    # A model whose context is under 2 x 64 + 1 tokens gets shorter sequences.
+    length = min(copying.DEFAULT_LENGTH, (generator.model.config.max_seq_len - 1) // 2)
+    result = copying.copying_score(generator.model, generator.tokenizer.eos_id, length=length,
                                    device=generator.device, bf16=generator.bf16)
     log.info("copying: second pass top-1 %.1f%%, loss %.2f nats (first pass %.2f)",
              100 * result["second_pass_accuracy"], result["second_pass_loss"],
@@ -321,10 +323,29 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
 
 
 def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
-    """Save one checkpoint's results as eval/<stage>.json, atomically."""
+    """Save one checkpoint's results atomically, without dropping results saved before.
+
+    The stage's latest checkpoint writes eval/<stage>.json, which the report card reads. Suites
+    saved there earlier for the same checkpoint stay, unless this run repeats them. Any other
+    checkpoint writes eval/<stage>-<checkpoint>.json, so evaluating an earlier checkpoint
+    leaves the report card's results of the latest one in place.
+    """
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{checkpoint.parents[1].name}.json"
+    stage_dir = checkpoint.parents[1]
+    latest = ckpt.latest_checkpoint(stage_dir)
+    if latest is not None and latest.resolve() == checkpoint.resolve():
+        path = out_dir / f"{stage_dir.name}.json"
+    else:
+        path = out_dir / f"{stage_dir.name}-{checkpoint.name}.json"
+    if path.is_file():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            log.warning("replacing unreadable eval results %s (%s)", path, error)
+            previous = {}
+        if previous.get("checkpoint") == results.get("checkpoint"):
+            results = {**previous, **results}
     temporary = out_dir / f".{path.name}.tmp"
     temporary.write_text(json.dumps(results, indent=2))
     os.replace(temporary, path)
@@ -336,8 +357,11 @@ def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
     checkpoint = ckpt.resolve_checkpoint(target)
     run_dir = run_dir_of(checkpoint)
     results = run_suites(checkpoint, config, run_dir)
-    save_results(run_dir, checkpoint, results)
+    saved = save_results(run_dir, checkpoint, results)
     report = write_report(run_dir)
+    if saved.name != f"{checkpoint.parents[1].name}.json":
+        log.info("%s is not the latest checkpoint of its stage, so its results are in %s and "
+                 "the report card keeps the latest checkpoint's", checkpoint, saved)
     log.info("report card: %s", report)
     return report, results
 
