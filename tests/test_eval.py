@@ -62,7 +62,7 @@ def test_report_lists_each_validation_split_once(tmp_path):
     assert "python-stdlib 3.250 / 2.000; shell-scripts 4.250 / 3.000" in row
 
 
-def test_eval_keeps_saved_results(trained_run, tmp_path):
+def test_eval_keeps_saved_results(trained_run, tmp_path, monkeypatch):
     """A second suite adds to the latest checkpoint's results, and an earlier checkpoint's
     results go to their own file, so neither replaces what the report card shows."""
     run = tmp_path / "run"
@@ -81,3 +81,17 @@ def test_eval_keeps_saved_results(trained_run, tmp_path):
     side = json.loads((run / "eval" / "code-step-000001.json").read_text())
     assert side["checkpoint"] == str(earlier)
     assert json.loads((run / "eval" / "code.json").read_text()) == saved
+
+    monkeypatch.chdir(tmp_path)  # the same checkpoint by a relative path still adds
+    assert main(["eval", f"run/code/checkpoints/{latest}", "--suite", "bpb"]) == 0
+    assert "copying" in json.loads((run / "eval" / "code.json").read_text())
+
+
+def test_eval_replaces_unreadable_results(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "eval").mkdir(exist_ok=True)
+    for broken in ("{not json", "[1, 2]"):
+        (run / "eval" / "code.json").write_text(broken)
+        assert main(["eval", str(run), "--suite", "copying"]) == 0
+        assert "copying" in json.loads((run / "eval" / "code.json").read_text())

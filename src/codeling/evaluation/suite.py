@@ -344,7 +344,11 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
         except (OSError, json.JSONDecodeError) as error:
             log.warning("replacing unreadable eval results %s (%s)", path, error)
             previous = {}
-        if previous.get("checkpoint") == results.get("checkpoint"):
+        if not isinstance(previous, dict):
+            log.warning("replacing eval results %s, which are not a JSON object", path)
+            previous = {}
+        saved_from = previous.get("checkpoint")
+        if saved_from and Path(saved_from).resolve() == checkpoint.resolve():
             results = {**previous, **results}
     temporary = out_dir / f".{path.name}.tmp"
     temporary.write_text(json.dumps(results, indent=2))
