@@ -87,11 +87,49 @@ def test_eval_keeps_saved_results(trained_run, tmp_path, monkeypatch):
     assert "copying" in json.loads((run / "eval" / "code.json").read_text())
 
 
-def test_eval_replaces_unreadable_results(trained_run, tmp_path):
+def test_eval_merges_from_any_directory(trained_run, tmp_path, monkeypatch):
+    """Saved checkpoint paths are absolute, so a later eval from another directory (or by
+    "." inside the checkpoint) still finds the same checkpoint and adds to its results."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    latest = run / "code" / "checkpoints" / (run / "code" / "checkpoints" / "latest").read_text(
+        ).strip()
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "run", "--suite", "bpb"]) == 0
+    monkeypatch.chdir(latest)
+    assert main(["eval", ".", "--suite", "copying"]) == 0
+    monkeypatch.chdir(latest.parent)
+    assert main(["eval", "latest", "--suite", "syntax", "--max-new-tokens", "4"]) == 0
+    saved = json.loads((run / "eval" / "code.json").read_text())
+    assert saved["checkpoint"] == str(latest)
+    for suite in ("bpb", "copying", "syntax"):
+        assert suite in saved
+
+
+def test_eval_replaces_unreadable_results(trained_run, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     (run / "eval").mkdir(exist_ok=True)
-    for broken in ("{not json", "[1, 2]"):
-        (run / "eval" / "code.json").write_text(broken)
-        assert main(["eval", str(run), "--suite", "copying"]) == 0
-        assert "copying" in json.loads((run / "eval" / "code.json").read_text())
+    broken_files = ["{not json", "[1, 2]", '{"checkpoint": 5, "bpb": {}}', b"\xff\xfe{"]
+    for broken in broken_files:
+        path = run / "eval" / "code.json"
+        path.write_bytes(broken if isinstance(broken, bytes) else broken.encode())
+        assert main(["eval", str(run), "--suite", "copying"]) == 0, broken
+        assert "copying" in json.loads(path.read_text())
+    (run / "eval" / "language.json").write_text("{not json")  # another stage's file
+    assert main(["report", str(run)]) == 0
+    assert "ignoring unreadable eval results" in caplog.text
+
+
+def test_eval_rejects_a_directory_as_results_file(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "eval" / "code.json").mkdir(parents=True)
+    assert main(["eval", str(run), "--suite", "copying"]) == 2
+    assert "move it aside" in capsys.readouterr().err
+    assert not list((run / "eval").glob(".*.tmp"))
+
+
+def test_eval_rejects_empty_suite_list(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--suite", " , "]) == 2
+    assert "names no suite" in capsys.readouterr().err

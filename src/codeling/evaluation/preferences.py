@@ -39,7 +39,7 @@ def dpo_reference(checkpoint: Path) -> tuple[Path, float] | None:
     config = loaded.config
     if config.train.objective != "dpo" or not config.init_from:
         return None
-    run_dir = checkpoint.parents[2]
+    run_dir = checkpoint.absolute().parents[2]
     stage_dir = run_dir / config.init_from
     if "/" not in config.init_from and stage_dir.is_dir():
         return ckpt.resolve_checkpoint(stage_dir), config.train.beta

@@ -131,9 +131,24 @@ def _load_results(run_dir: Path) -> dict[str, dict]:
     found = {}
     for stage in TRAINING_STAGES:
         path = run_dir / "eval" / f"{stage}.json"
-        if path.is_file():
-            found[stage] = json.loads(path.read_text())
+        if path.is_file() and (results := _read_results(path)):
+            found[stage] = results
     return found
+
+
+def _read_results(path: Path) -> dict:
+    """Return a saved results file, or {} with a warning when it is not a readable JSON object."""
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # ValueError covers bad JSON and bad UTF-8
+        log.warning("ignoring unreadable eval results %s (%s); run `codeling eval` on that "
+                    "stage again", path, error)
+        return {}
+    if not isinstance(results, dict):
+        log.warning("ignoring eval results %s, which are not a JSON object; run `codeling "
+                    "eval` on that stage again", path)
+        return {}
+    return results
 
 
 def _bpb_table(results: dict[str, dict]) -> list[str]:
@@ -218,7 +233,7 @@ def write_report(run_dir: Path) -> Path:
 
 def run_dir_of(checkpoint: Path) -> Path:
     """Return the run directory of a checkpoint at <run>/<stage>/checkpoints/step-N."""
-    return checkpoint.parents[2]
+    return checkpoint.absolute().parents[2]
 
 
 def run_bpb(generator: Generator, run_dir: Path, config: EvalConfig) -> dict:
@@ -287,7 +302,7 @@ def run_suites(checkpoint: Path, config: EvalConfig, run_dir: Path | None = None
     """Run the configured suites on one checkpoint; return their results by suite name."""
     generator = Generator.from_checkpoint(checkpoint, device=config.device)
     run_dir = run_dir or run_dir_of(checkpoint)
-    results: dict = {"checkpoint": str(checkpoint)}
+    results: dict = {"checkpoint": str(checkpoint.absolute())}
     started = time.perf_counter()
     if "bpb" in config.suites:
         results["bpb"] = run_bpb(generator, run_dir, config)
@@ -332,24 +347,24 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
     """
     out_dir = run_dir / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = checkpoint.absolute()
     stage_dir = checkpoint.parents[1]
     latest = ckpt.latest_checkpoint(stage_dir)
     if latest is not None and latest.resolve() == checkpoint.resolve():
         path = out_dir / f"{stage_dir.name}.json"
     else:
         path = out_dir / f"{stage_dir.name}-{checkpoint.name}.json"
-    if path.is_file():
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            log.warning("replacing unreadable eval results %s (%s)", path, error)
-            previous = {}
-        if not isinstance(previous, dict):
-            log.warning("replacing eval results %s, which are not a JSON object", path)
-            previous = {}
-        saved_from = previous.get("checkpoint")
-        if saved_from and Path(saved_from).resolve() == checkpoint.resolve():
-            results = {**previous, **results}
+    if path.exists() and not path.is_file():
+        raise CodelingError(f"{path} exists and is not a file, so eval results cannot be saved "
+                            "there; move it aside and run the evaluation again")
+    previous = _read_results(path) if path.is_file() else {}
+    saved_from = previous.get("checkpoint")
+    if isinstance(saved_from, str) and Path(saved_from).resolve() == checkpoint.resolve():
+        results = {**previous, **results}
+    elif previous:
+        dropped = sorted(key for key in previous if key not in ("checkpoint", "seconds"))
+        log.warning("replacing the eval results of %s in %s (suites %s) with those of %s",
+                    saved_from, path, ", ".join(dropped) or "none", checkpoint)
     temporary = out_dir / f".{path.name}.tmp"
     temporary.write_text(json.dumps(results, indent=2))
     os.replace(temporary, path)
@@ -358,7 +373,7 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
 
 def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
     """Evaluate the newest checkpoint under `target`, save its results, rewrite the report."""
-    checkpoint = ckpt.resolve_checkpoint(target)
+    checkpoint = ckpt.resolve_checkpoint(target).absolute()
     run_dir = run_dir_of(checkpoint)
     results = run_suites(checkpoint, config, run_dir)
     saved = save_results(run_dir, checkpoint, results)
@@ -419,6 +434,9 @@ def report_command(run_dir: Path) -> Path:
 def eval_command(args) -> Path:
     """`codeling eval`: run the chosen suites and print where the report card is."""
     suites = [name.strip() for name in args.suite.split(",") if name.strip()]
+    if not suites:
+        raise CodelingError(f"--suite {args.suite!r} names no suite; pass a comma-separated "
+                            f"list of {', '.join(SUITES)}")
     config = build_eval_config({"suites": suites, "humaneval_samples": args.humaneval_samples,
                                 "humaneval_limit": args.humaneval_limit,
                                 "max_new_tokens": args.max_new_tokens, "device": args.device,

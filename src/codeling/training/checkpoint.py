@@ -93,14 +93,14 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint or run {str(path)!r} not found; pass a run directory "
                               "(for example runs/quickstart) or a checkpoint directory")
     if path.is_file():
-        if path.name == "latest" and path.parent.name == "checkpoints":
-            return resolve_checkpoint(path.parent.parent)
+        if path.name == "latest" and path.absolute().parent.name == "checkpoints":
+            return resolve_checkpoint(path.absolute().parent.parent)
         raise CheckpointError(f"{str(path)!r} is a file; pass a run directory (for example "
                               "runs/quickstart), a stage directory or a checkpoint directory")
     if (path / "model.safetensors").is_file():
         return path
-    if path.name == "checkpoints":
-        path = path.parent
+    if path.absolute().name == "checkpoints":  # absolute, so that "." there matches too
+        path = path.absolute().parent
     found = latest_checkpoint(path)
     if found is not None:
         return found
