@@ -345,18 +345,9 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
     checkpoint writes eval/<stage>-<checkpoint>.json, so evaluating an earlier checkpoint
     leaves the report card's results of the latest one in place.
     """
-    out_dir = run_dir / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint = checkpoint.absolute()
-    stage_dir = checkpoint.parents[1]
-    latest = ckpt.latest_checkpoint(stage_dir)
-    if latest is not None and latest.resolve() == checkpoint.resolve():
-        path = out_dir / f"{stage_dir.name}.json"
-    else:
-        path = out_dir / f"{stage_dir.name}-{checkpoint.name}.json"
-    if path.exists() and not path.is_file():
-        raise CodelingError(f"{path} exists and is not a file, so eval results cannot be saved "
-                            "there; move it aside and run the evaluation again")
+    path = results_path(run_dir, checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
     previous = _read_results(path) if path.is_file() else {}
     saved_from = previous.get("checkpoint")
     if isinstance(saved_from, str) and Path(saved_from).resolve() == checkpoint.resolve():
@@ -365,9 +356,23 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
         dropped = sorted(key for key in previous if key not in ("checkpoint", "seconds"))
         log.warning("replacing the eval results of %s in %s (suites %s) with those of %s",
                     saved_from, path, ", ".join(dropped) or "none", checkpoint)
-    temporary = out_dir / f".{path.name}.tmp"
+    temporary = path.parent / f".{path.name}.tmp"
     temporary.write_text(json.dumps(results, indent=2))
     os.replace(temporary, path)
+    return path
+
+
+def results_path(run_dir: Path, checkpoint: Path) -> Path:
+    """Return the file that `save_results` writes for a checkpoint; raise if it cannot be one."""
+    stage_dir = checkpoint.absolute().parents[1]
+    latest = ckpt.latest_checkpoint(stage_dir)
+    if latest is not None and latest.resolve() == checkpoint.resolve():
+        path = run_dir / "eval" / f"{stage_dir.name}.json"
+    else:
+        path = run_dir / "eval" / f"{stage_dir.name}-{checkpoint.name}.json"
+    if path.exists() and not path.is_file():
+        raise CodelingError(f"{path} exists and is not a file, so eval results cannot be saved "
+                            "there; move it aside and run the evaluation again")
     return path
 
 
@@ -375,6 +380,7 @@ def evaluate_run(target: Path, config: EvalConfig) -> tuple[Path, dict]:
     """Evaluate the newest checkpoint under `target`, save its results, rewrite the report."""
     checkpoint = ckpt.resolve_checkpoint(target).absolute()
     run_dir = run_dir_of(checkpoint)
+    results_path(run_dir, checkpoint)  # fail before the suites run, not after
     results = run_suites(checkpoint, config, run_dir)
     saved = save_results(run_dir, checkpoint, results)
     report = write_report(run_dir)
