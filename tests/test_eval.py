@@ -119,6 +119,9 @@ def test_eval_replaces_unreadable_results(trained_run, tmp_path, caplog):
     (run / "eval" / "language.json").write_text("{not json")  # another stage's file
     assert main(["report", str(run)]) == 0
     assert "ignoring unreadable eval results" in caplog.text
+    (run / "eval" / "code.json").write_text('{"checkpoint": "x", "bpb": 5, "syntax": "no"}')
+    assert main(["report", str(run)]) == 0
+    assert "ignoring the bpb, syntax results" in caplog.text
 
 
 def test_eval_rejects_a_directory_as_results_file(trained_run, tmp_path, capsys):

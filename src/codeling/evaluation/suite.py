@@ -148,7 +148,12 @@ def _read_results(path: Path) -> dict:
         log.warning("ignoring eval results %s, which are not a JSON object; run `codeling "
                     "eval` on that stage again", path)
         return {}
-    return results
+    malformed = [suite for suite in SUITES if suite in results
+                 and not isinstance(results[suite], dict)]
+    if malformed:
+        log.warning("ignoring the %s results in %s, which are not JSON objects; run `codeling "
+                    "eval` with those suites again", ", ".join(malformed), path)
+    return {key: value for key, value in results.items() if key not in malformed}
 
 
 def _bpb_table(results: dict[str, dict]) -> list[str]:
