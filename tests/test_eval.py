@@ -19,6 +19,8 @@ def test_eval_command_writes_report(trained_run, tmp_path, capsys):
     report = (run / "report.md").read_text()
     assert "| code |" in report
     assert "pass@1" in report
+    latest = (run / "code" / "checkpoints" / "latest").read_text().strip()
+    assert f"Evaluated checkpoints: code `{latest}`." in report
     assert "pass@10" not in report  # needs at least 10 samples
     results = json.loads((run / "eval" / "code.json").read_text())
     assert results["bpb"], "no held-out split was scored"

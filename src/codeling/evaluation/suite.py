@@ -209,6 +209,10 @@ def write_report(run_dir: Path) -> Path:
         for stage in TRAINING_STAGES:
             if (run_dir / stage / "loss.png").is_file():
                 lines += [f"![{stage} loss]({stage}/loss.png)", ""]
+    evaluated = [f"{stage} `{Path(result['checkpoint']).name}`" for stage, result in
+                 results.items() if isinstance(result.get("checkpoint"), str)]
+    if evaluated:
+        lines += ["Evaluated checkpoints: " + ", ".join(evaluated) + ".", ""]
     lines += _bpb_table(results)
     lines += copying.report_table(results)
     for stage, result in results.items():
