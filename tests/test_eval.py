@@ -84,6 +84,11 @@ def test_eval_keeps_saved_results(trained_run, tmp_path, monkeypatch):
     assert side["checkpoint"] == str(earlier)
     assert json.loads((run / "eval" / "code.json").read_text()) == saved
 
+    (run / "code" / "checkpoints" / "latest").write_text("step-999999\n")  # a deleted one
+    assert main(["eval", str(earlier), "--suite", "bpb"]) == 0
+    assert "bpb" in json.loads((run / "eval" / "code-step-000001.json").read_text())
+    (run / "code" / "checkpoints" / "latest").write_text(latest + "\n")
+
     monkeypatch.chdir(tmp_path)  # the same checkpoint by a relative path still adds
     assert main(["eval", f"run/code/checkpoints/{latest}", "--suite", "bpb"]) == 0
     assert "copying" in json.loads((run / "eval" / "code.json").read_text())

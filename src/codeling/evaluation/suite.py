@@ -374,7 +374,10 @@ def save_results(run_dir: Path, checkpoint: Path, results: dict) -> Path:
 def results_path(run_dir: Path, checkpoint: Path) -> Path:
     """Return the file that `save_results` writes for a checkpoint; raise if it cannot be one."""
     stage_dir = checkpoint.absolute().parents[1]
-    latest = ckpt.latest_checkpoint(stage_dir)
+    try:
+        latest = ckpt.latest_checkpoint(stage_dir)
+    except ckpt.CheckpointError:  # `latest` names a deleted checkpoint: this one is not it
+        latest = None
     if latest is not None and latest.resolve() == checkpoint.resolve():
         path = run_dir / "eval" / f"{stage_dir.name}.json"
     else:
