@@ -222,7 +222,10 @@ def test_bash_fork_bomb_is_contained(support):
     if not support["processes_limited"]:
         pytest.skip("no process limit on this system (no pids cgroup, running as root)")
     marker = f"codeling-bomb-{uuid.uuid4().hex}"
-    script = f"# {marker}\nbomb() {{ bomb | bomb & }}\nbomb\nwait\n"
+    # The classic bomb returns at once and leaves its copies running, so the first shell then
+    # spins on builtins alone (no fork) for 2 s to let them reach the process limit.
+    script = (f"# {marker}\nbomb() {{ bomb | bomb & }}\nbomb\n"
+              "SECONDS=0\nwhile (( SECONDS < 2 )); do :; done\nwait\n")
     result = sandbox.run(["bash", "-c", script], max_processes=16, timeout=3)
     # Bash retries a failed fork a few times and then gives up, so the run may end on its own.
     assert "fork: retry: Resource temporarily unavailable" in result.stderr
