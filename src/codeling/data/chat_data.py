@@ -42,15 +42,13 @@ TOOL_CONVERSATIONS = "tool-conversations"
 CHAT_PREFIX = "chat:"
 PAD_MULTIPLE = 64
 IGNORE_INDEX = -100
+STATE_VERSION = 1
+DEFAULT_TOOL_EXAMPLES = 20000
 
 
 def scored_positions(targets: torch.Tensor) -> torch.Tensor:
     """Return the flat indices of the targets that are not IGNORE_INDEX, int64 of shape (N,)."""
     return (targets.reshape(-1) != IGNORE_INDEX).nonzero().squeeze(1)
-STATE_VERSION = 1
-
-
-DEFAULT_TOOL_EXAMPLES = 20000
 
 
 def is_chat_source(spec: str) -> bool:
