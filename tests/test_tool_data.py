@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import jsonschema
@@ -420,3 +421,14 @@ def test_connectors_start_with_first_request():
     # Three requests are joined by two connectors, so text before {a} would appear twice.
     for template_id, text in CONNECTORS + EVAL_CONNECTORS:
         assert text.startswith("{a}"), template_id
+
+
+def test_evaluation_connectors_use_unseen_words():
+    def joining_words(text):
+        between = text.removeprefix("{a}").split("{b")[0]
+        return " ".join(re.findall(r"[a-z']+", between.lower()))
+
+    training = {joining_words(text) for _, text in CONNECTORS}
+    for template_id, text in EVAL_CONNECTORS:
+        assert joining_words(text), template_id
+        assert joining_words(text) not in training, template_id

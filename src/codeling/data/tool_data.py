@@ -66,8 +66,20 @@ SYSTEM_PROMPTS = (
 )
 
 # User phrasings shared by all tools: (id, text). The "e" ids are evaluation-only.
+# Training joins requests in many ways, so that the model learns to spot a second request
+# rather than a few joining words. The evaluation connectors use words that training never does.
 CONNECTORS = (("connector/t0", "{a} {b}"), ("connector/t1", "{a} Also, {b_lower}"),
-              ("connector/t2", "{a}\n{b}"), ("connector/t3", "{a} And {b_lower}"))
+              ("connector/t2", "{a}\n{b}"), ("connector/t3", "{a} And {b_lower}"),
+              ("connector/t4", "{a} Then {b_lower}"), ("connector/t5", "{a} Next, {b_lower}"),
+              ("connector/t6", "{a} Oh, and {b_lower}"),
+              ("connector/t7", "{a} Additionally, {b_lower}"),
+              ("connector/t8", "{a} On top of that, {b_lower}"),
+              ("connector/t9", "{a} Besides that, {b_lower}"),
+              ("connector/t10", "{a} In addition, {b_lower}"),
+              ("connector/t11", "{a} One more thing: {b_lower}"),
+              ("connector/t12", "{a}\n\n{b}"), ("connector/t13", "{a} Also: {b}"),
+              ("connector/t14", "{a} And also {b_lower}"),
+              ("connector/t15", "{a} Another thing: {b_lower}"))
 EVAL_CONNECTORS = (("connector/e0", "{a} Plus, {b_lower}"),
                    ("connector/e1", "{a} After that, {b_lower}"))
 FOLLOW_UPS = (("follow_up/t0", "{value}"), ("follow_up/t1", "{value}, please."),
