@@ -279,7 +279,7 @@ class Trainer:
             processed += inputs.numel()
             with self._sync_context(micro_step):
                 if self.loss_hook is not None:
-                    # NOTE: a rough MFU input for DPO and GRPO. It charges the head at every
+                    # NOTE: a rough MFU input for DPO. It charges the head at every
                     # position and leaves out the reference model's forward passes.
                     flops += inputs.numel() * self.model.flops_per_token(inputs.shape[1])
                     objective, loss = self.loss_fn(inputs, targets)
