@@ -475,7 +475,13 @@ def test_fork_bomb_is_contained(box: ToolBox, support, tool: str):
         pytest.skip("no process limit on this system (no pids cgroup, running as root)")
     marker = f"codeling-bomb-{uuid.uuid4().hex}"
     if tool == "run_shell":
-        arguments = {"command": f"# {marker}\nbomb() {{ bomb | bomb & }}\nbomb\nwait"}
+        # The classic bomb returns at once and leaves its copies running. The first shell then
+        # spins on builtins alone (no fork) for 1.5 s of the 2 s limit, so the copies reach the
+        # process limit before it waits.
+        arguments = {"command": f"# {marker}\nbomb() {{ bomb | bomb & }}\nbomb\n"
+                                "start=${EPOCHREALTIME/./}\n"
+                                "while (( ${EPOCHREALTIME/./} - start < 1500000 )); do :; done\n"
+                                "wait"}
     else:
         arguments = {"code": f"# {marker}\nimport os\nwhile True:\n    try:\n"
                              "        os.fork()\n    except OSError:\n        pass\n"}
