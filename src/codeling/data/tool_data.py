@@ -67,7 +67,7 @@ SYSTEM_PROMPTS = (
 
 # User phrasings shared by all tools: (id, text). The "e" ids are evaluation-only.
 # Training joins requests in many ways, so that the model learns to spot a second request
-# rather than a few joining words. The evaluation connectors use words that training never does.
+# rather than a few joining words. No training connector contains an evaluation connector's words.
 CONNECTORS = (("connector/t0", "{a} {b}"), ("connector/t1", "{a} Also, {b_lower}"),
               ("connector/t2", "{a}\n{b}"), ("connector/t3", "{a} And {b_lower}"),
               ("connector/t4", "{a} Then {b_lower}"), ("connector/t5", "{a} Next, {b_lower}"),
