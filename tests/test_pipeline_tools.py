@@ -53,6 +53,10 @@ def test_pipeline_with_tools_stage(tmp_path, monkeypatch):
     for split in results["tools"]["splits"].values():
         assert split["free"]["cases"] + split["free"]["skipped_too_long"] == 2
         assert "constrained" in split
+        for mode in ("free", "constrained"):
+            right = sum(counts.get("exact_match", counts.get("no_call", 0))
+                        for counts in split[mode]["by_kind"].values())
+            assert len(split[mode]["failures"]) == split[mode]["cases"] - right
     code_results = json.loads((run / "eval" / "code.json").read_text())
     assert "tools" not in code_results  # a model before the tools stage is not scored on tools
     report = (run / "report.md").read_text()

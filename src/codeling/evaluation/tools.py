@@ -120,8 +120,13 @@ def _by_kind(scores: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
 
 def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
                         max_new_tokens: int = 160, modes: tuple[bool, ...] = (False, True),
-                        examples_kept: int = 3) -> dict[str, Any]:
-    """Run the suite on the test splits found in data_dir; return metrics per split and mode."""
+                        examples_kept: int = 3, failures_kept: int = 100) -> dict[str, Any]:
+    """Run the suite on the test splits found in data_dir; return metrics per split and mode.
+
+    Each split and mode keeps its first `examples_kept` turns as "samples" and its first
+    `failures_kept` wrong turns as "failures": a call that is not exactly the expected one, or
+    a call where none was expected.
+    """
     found = {split: data_dir / f"{split}.jsonl" for split in SPLITS
              if (data_dir / f"{split}.jsonl").is_file()}
     if not found:
@@ -135,7 +140,7 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
         cases = first_turn_cases(read_conversations(path))[:limit or None]
         split_result: dict[str, Any] = {"description": SPLITS[split]}
         for constrained in modes:
-            scores, samples, skipped = [], [], 0
+            scores, samples, failures, skipped = [], [], [], 0
             for case in cases:
                 prompt = chat.render(case["messages"], generator.tokenizer, case["tools"])
                 if len(prompt) + 8 >= context:
@@ -147,13 +152,19 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
                 score = {**score_turn(predicted, case["expected"], case["tools"]),
                          "kind": case["kind"]}
                 scores.append(score)
+                turn = {"kind": case["kind"], "request": case["messages"][-1].get("content"),
+                        "expected": case["expected"], "predicted": predicted}
                 if len(samples) < examples_kept:
-                    samples.append({"request": case["messages"][-1].get("content"),
-                                    "expected": case["expected"], "predicted": predicted})
+                    samples.append(turn)
+                wrong = not score["exact_match"] if score["expects_call"] \
+                    else score["predicts_call"]
+                if wrong and len(failures) < failures_kept:
+                    failures.append(turn)
             mode = "constrained" if constrained else "free"
             summary = summarize(scores)
             summary["skipped_too_long"] = skipped
             summary["samples"] = samples
+            summary["failures"] = failures
             split_result[mode] = summary
             log.info("tools: %s, %s decoding: %s", split, mode, ", ".join(
                 f"{name} {100 * summary[name]:.1f}%" for name in METRICS
