@@ -80,8 +80,8 @@ def _add_data(commands: argparse._SubParsersAction) -> None:
                        help="output directory; must not exist or must be empty")
     tools.add_argument("--seed", type=int, default=0,
                        help="random seed; the same seed writes identical files (default: 0)")
-    tools.add_argument("--train-examples", type=int, default=20000,
-                       help="conversations in train.jsonl (default: 20000)")
+    tools.add_argument("--train-examples", type=int, default=100000,
+                       help="conversations in train.jsonl (default: 100000)")
     tools.add_argument("--val-examples", type=int, default=500,
                        help="conversations in val.jsonl (default: 500)")
     tools.add_argument("--test-examples", type=int, default=300,

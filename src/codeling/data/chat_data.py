@@ -3,7 +3,7 @@
 A chat source is one of:
 
 - `tool-conversations` or `tool-conversations:N`: the synthetic function-calling set of
-  `codeling data tools` with N training conversations (default 20000), generated into
+  `codeling data tools` with N training conversations (default 100000), generated into
   `<run>/data/tool-conversations/` on first use with a fixed seed, so its held-out test files
   stay the same for evaluation;
 - `chat:PATH`: a JSONL file with one conversation per line, `{"messages": [...], "tools": [...]}`
@@ -43,7 +43,7 @@ CHAT_PREFIX = "chat:"
 PAD_MULTIPLE = 64
 IGNORE_INDEX = -100
 STATE_VERSION = 1
-DEFAULT_TOOL_EXAMPLES = 20000
+DEFAULT_TOOL_EXAMPLES = 100000
 
 
 def scored_positions(targets: torch.Tensor) -> torch.Tensor:

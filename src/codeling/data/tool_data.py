@@ -31,7 +31,7 @@ import random
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -508,19 +508,19 @@ def _record_key(record: dict[str, Any]) -> str:
     return json.dumps([names, record["messages"]], ensure_ascii=False, sort_keys=True)
 
 
-def generate_records(split: str, count: int, seed: int = 0) -> list[dict[str, Any]]:
-    """Return the first `count` conversations of a split in memory, as the files would hold them.
+def iter_records(split: str, count: int, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Yield the `count` conversations of a split one at a time, as the files would hold them.
 
-    For "train" this equals the train.jsonl of `generate_tool_dataset` with the same seed and
+    For "train" these equal the train.jsonl of `generate_tool_dataset` with the same seed and
     count; the other splits leave out the check against training examples.
     """
-    if split not in ("train", "val", "test_seen", "test_unseen"):
+    if split not in SPLITS:
         raise CodelingError(f"unknown split {split!r}; use train, val, test_seen or test_unseen")
-    return _generate_split(split, count, seed)
+    return _iter_split(split, count, seed)
 
 
-def _generate_split(split: str, count: int, seed: int,
-                    exclude: set[str] | None = None) -> list[dict[str, Any]]:
+def _iter_split(split: str, count: int, seed: int,
+                exclude: set[str] | None = None) -> Iterator[dict[str, Any]]:
     seen = [tool for tool in TOOLS if tool.name not in HELD_OUT_TOOLS]
     held_out = [TOOLS_BY_NAME[name] for name in HELD_OUT_TOOLS]
     if split == "test_unseen":
@@ -528,7 +528,6 @@ def _generate_split(split: str, count: int, seed: int,
     else:
         writer = _ExampleWriter(_split_rng(seed, split), seen, seen,
                                 "eval" if split == "test_seen" else "train")
-    records = []
     for index, kind in enumerate(_kind_sequence(count, writer.rng), 1):
         for _ in range(100):
             record = writer.example(kind)
@@ -537,8 +536,7 @@ def _generate_split(split: str, count: int, seed: int,
         else:
             raise RuntimeError(f"could not draw a {kind} example for {split} that differs from "
                                "every training example")
-        records.append({"id": f"{split}-{index:06d}", **record})
-    return records
+        yield {"id": f"{split}-{index:06d}", **record}
 
 
 def _split_summary(records: list[dict[str, Any]], data: bytes, phrasing: str,
@@ -561,7 +559,7 @@ def _check_counts(counts: dict[str, int]) -> None:
                                 "a positive integer")
 
 
-def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: int = 20000,
+def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: int = 100000,
                           val_examples: int = 500, test_examples: int = 300) -> dict[str, Any]:
     """Write train.jsonl, val.jsonl, test_seen.jsonl, test_unseen.jsonl and manifest.json.
 
@@ -579,11 +577,11 @@ def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: in
         raise CodelingError(f"output directory {out_dir} already exists and is not empty; "
                             "choose a new --out directory or delete this one")
 
-    train = _generate_split("train", train_examples, seed)
+    train = list(_iter_split("train", train_examples, seed))
     train_keys = {_record_key(record) for record in train}
     splits = {"train": train}
     for split in ("val", "test_seen", "test_unseen"):
-        splits[split] = _generate_split(split, counts[split], seed, exclude=train_keys)
+        splits[split] = list(_iter_split(split, counts[split], seed, exclude=train_keys))
 
     phrasings = {"train": "train", "val": "train", "test_seen": "eval", "test_unseen": "all"}
     manifest: dict[str, Any] = {
