@@ -22,6 +22,7 @@ from codeling.data.tool_data import (
     OPENERS,
     SPLITS,
     generate_tool_dataset,
+    iter_records,
     load_conversations,
 )
 from codeling.data.tool_schemas import (
@@ -215,6 +216,14 @@ def test_listed_tools_and_system_turn(dataset):
         system = record["messages"][0]
         assert system["role"] == "system"
         assert 0 < len(system["content"]) < 100
+
+
+def test_iter_records_matches_train_file(dataset):
+    _, manifest, records = dataset
+    count = manifest["counts"]["train"]
+    assert list(iter_records("train", count, seed=3)) == records["train"]
+    with pytest.raises(CodelingError, match="unknown split 'dev'"):
+        iter_records("dev", count)
 
 
 def test_kinds_follow_shares(dataset):
