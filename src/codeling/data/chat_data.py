@@ -33,6 +33,7 @@ import torch
 from codeling import chat
 from codeling.data.loader import PackedLoader, check_loader_state
 from codeling.data.sources import iter_json_lines
+from codeling.data.tool_data import DEFAULT_TOOL_EXAMPLES
 from codeling.errors import CodelingError
 from codeling.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -43,7 +44,6 @@ CHAT_PREFIX = "chat:"
 PAD_MULTIPLE = 64
 IGNORE_INDEX = -100
 STATE_VERSION = 1
-DEFAULT_TOOL_EXAMPLES = 100000
 
 
 def scored_positions(targets: torch.Tensor) -> torch.Tensor:

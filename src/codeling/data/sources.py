@@ -397,8 +397,7 @@ def iter_shell_script_paths(
 
 def _iter_tool_conversations() -> Iterator[str]:
     from codeling.chat import text_pieces
-    from codeling.data.chat_data import DEFAULT_TOOL_EXAMPLES
-    from codeling.data.tool_data import iter_records
+    from codeling.data.tool_data import DEFAULT_TOOL_EXAMPLES, iter_records
 
     for record in iter_records("train", DEFAULT_TOOL_EXAMPLES):
         yield "\n".join(text_pieces(record["messages"], record.get("tools")))

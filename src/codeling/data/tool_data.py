@@ -49,6 +49,8 @@ KIND_SHARES = {"single_call": 0.40, "parallel_calls": 0.10, "multi_turn": 0.20, 
 # and everyday tools, and none of them is builtin.
 HELD_OUT_TOOLS = ("git_log", "lint_file", "set_reminder", "define_word", "get_stock_price")
 SPLITS = ("train", "val", "test_seen", "test_unseen")
+# Training conversations of the `tool-conversations` source and `codeling data tools`.
+DEFAULT_TOOL_EXAMPLES = 100000
 # Specs built once and shared by the records, which are only serialized, never changed.
 _SPECS = {tool.name: tool.spec() for tool in TOOLS}
 
@@ -509,7 +511,7 @@ def _record_key(record: dict[str, Any]) -> str:
 
 
 def iter_records(split: str, count: int, seed: int = 0) -> Iterator[dict[str, Any]]:
-    """Yield the `count` conversations of a split one at a time, as the files would hold them.
+    """Yield the `count` conversations of a split one at a time, as the files would contain them.
 
     For "train" these equal the train.jsonl of `generate_tool_dataset` with the same seed and
     count; the other splits leave out the check against training examples.
@@ -559,8 +561,9 @@ def _check_counts(counts: dict[str, int]) -> None:
                                 "a positive integer")
 
 
-def generate_tool_dataset(out_dir: str | Path, seed: int = 0, train_examples: int = 100000,
-                          val_examples: int = 500, test_examples: int = 300) -> dict[str, Any]:
+def generate_tool_dataset(out_dir: str | Path, seed: int = 0,
+                          train_examples: int = DEFAULT_TOOL_EXAMPLES, val_examples: int = 500,
+                          test_examples: int = 300) -> dict[str, Any]:
     """Write train.jsonl, val.jsonl, test_seen.jsonl, test_unseen.jsonl and manifest.json.
 
     `test_examples` is the size of each test split. Raises CodelingError when `out_dir` exists

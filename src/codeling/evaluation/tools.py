@@ -124,8 +124,8 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
     """Run the suite on the test splits found in data_dir; return metrics per split and mode.
 
     Each split and mode keeps its first `examples_kept` turns as "samples" and its first
-    `failures_kept` wrong turns as "failures": a call that is not exactly the expected one, or
-    a call where none was expected.
+    `failures_kept` wrong turns as "failures". A turn is wrong when its calls differ from the
+    expected calls, or when it calls a tool where none was expected.
     """
     found = {split: data_dir / f"{split}.jsonl" for split in SPLITS
              if (data_dir / f"{split}.jsonl").is_file()}
@@ -156,8 +156,10 @@ def evaluate_tool_calls(generator: Generator, data_dir: Path, limit: int = 100,
                         "expected": case["expected"], "predicted": predicted}
                 if len(samples) < examples_kept:
                     samples.append(turn)
-                wrong = not score["exact_match"] if score["expects_call"] \
-                    else score["predicts_call"]
+                if score["expects_call"]:
+                    wrong = not score["exact_match"]
+                else:
+                    wrong = score["predicts_call"]
                 if wrong and len(failures) < failures_kept:
                     failures.append(turn)
             mode = "constrained" if constrained else "free"
