@@ -15,6 +15,7 @@ from codeling.cli import main
 from codeling.data.tool_data import (
     CLOSERS,
     CONNECTORS,
+    CONTEXTS,
     EVAL_CONNECTORS,
     HELD_OUT_TOOLS,
     KIND_SHARES,
@@ -342,13 +343,15 @@ def test_held_out_phrasings_only_in_test_seen(dataset):
 def test_openers_only_in_training(dataset):
     _, _, records = dataset
 
-    def dressed(split: str) -> int:
+    def dressed(split: str, starts: tuple[str, ...], ends: tuple[str, ...] = ()) -> int:
         requests = [user_texts(record)[0] for record in records[split]
                     if record["kind"] in ("single_call", "parallel_calls", "multi_turn")]
-        return sum(text.startswith(OPENERS) or text.endswith(CLOSERS) for text in requests)
+        return sum(text.startswith(starts) or text.endswith(ends) for text in requests)
 
-    assert dressed("train") > 0.1 * 0.7 * len(records["train"])
-    assert dressed("test_seen") == dressed("test_unseen") == 0
+    assert dressed("train", OPENERS, CLOSERS) > 0.1 * 0.7 * len(records["train"])
+    assert dressed("train", CONTEXTS) > 0.02 * 0.7 * len(records["train"])
+    for split in ("test_seen", "test_unseen"):
+        assert dressed(split, OPENERS + CONTEXTS, CLOSERS) == 0
 
 
 def test_val_differs_from_train(dataset):

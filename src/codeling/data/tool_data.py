@@ -25,6 +25,7 @@ The same seed gives byte-identical files.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -94,7 +95,14 @@ EVAL_BLOCK_FOLLOW_UPS = (("follow_up/e2", "Here it is:\n{value}"),)
 OPENERS = ("Hey, ", "Hi! ", "Hello. ", "OK, ", "Quick one: ", "Hmm, ", "Sorry to bother you. ",
            "Hi there. ")
 CLOSERS = (" Thanks!", " Thank you.", " Thanks in advance.", " Cheers.", " Thanks a lot.")
-OPENER_SHARE, CLOSER_SHARE, CASUAL_SHARE = 0.12, 0.12, 0.1
+# A sentence of context before the request: more than one sentence does not mean more than one
+# call. None of them hints at a tool.
+CONTEXTS = ("I'm working on a side project. ", "This is for work. ", "Busy day today. ",
+            "I have a few minutes before a meeting. ", "No rush on this. ",
+            "I'm still new to all this. ", "Something came up. ",
+            "I'm trying to get organized. ", "My manager asked me about this. ",
+            "Let's keep going. ", "Different topic now. ", "Here's what I need. ")
+DRESS_SHARES = {"opener": 0.12, "closer": 0.12, "casual": 0.1, "context": 0.1}
 THANKS = (("thanks/t0", "Thanks!"), ("thanks/t1", "Great, thank you."),
           ("thanks/t2", "Perfect, thanks."))
 EVAL_THANKS = (("thanks/e0", "Thank you, that helps."),)
@@ -351,19 +359,23 @@ class _ExampleWriter:
         return template, text, _call(tool.name, tool.arguments(template, values))
 
     def _dress(self, template: Template, text: str) -> str:
-        """Vary a training request the way people type: a greeting, a thank-you, no capital."""
+        """Vary a training request the way people type: a greeting, a thank-you, no capital,
+        a sentence of context first."""
         draw = self.rng.random()
-        if draw < OPENER_SHARE:
+        bounds = itertools.accumulate(DRESS_SHARES.values())
+        dress = next((name for name, bound in zip(DRESS_SHARES, bounds) if draw < bound), None)
+        if dress == "opener":
             opener = self.rng.choice(OPENERS)
             lower = opener.endswith((", ", ": ")) and template.starts_with_text
             text = opener + (_lower_first(text) if lower else text)
-        elif draw < OPENER_SHARE + CLOSER_SHARE:
+        elif dress == "closer":
             text += self.rng.choice(CLOSERS)
-        elif draw < OPENER_SHARE + CLOSER_SHARE + CASUAL_SHARE and template.starts_with_text \
-                and "\n" not in text:
+        elif dress == "casual" and template.starts_with_text and "\n" not in text:
             text = _lower_first(text)
             if template.text.endswith("."):  # the template's period, not a value's
                 text = text.removesuffix(".")
+        elif dress == "context":
+            text = self.rng.choice(CONTEXTS) + text
         return text
 
     def _results(self, calls: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
