@@ -217,7 +217,7 @@ def _tool(name: str, description: str, group: str, params: list[Param], *,
     return ToolDef(name=name, description=description, group=group, params=tuple(params),
                    requests=_templates(name, "t", requests + _REQUEST_GRAMMAR.get(name, ())),
                    eval_requests=_templates(name, "e", eval_requests),
-                   vague=_templates(name, "v", vague),
+                   vague=_templates(name, "v", vague + _VAGUE_GRAMMAR.get(name, ())),
                    eval_vague=_templates(name, "ve", eval_vague),
                    respond=respond, joint=joint, builtin_spec=builtin)
 
@@ -1003,6 +1003,16 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "script|]?\n[```python\n{code}\n```|{code}]",
         "[```python\n{code}\n```|{code}]\n[Run this.|Run it, please.|What does it print?|Can you "
         "execute that?|What's the output?]",
+        "I'd like to see what this [snippet|code] [prints|outputs].\n[```python\n{code}\n```|"
+        "{code}]",
+        "Here's my [snippet|script]. What does it print when [I run it|you execute it]?\n"
+        "[```python\n{code}\n```|{code}]",
+        "Does this [code|snippet] [run without errors|work|crash]?\n[```python\n{code}\n```|"
+        "{code}]",
+        "[Evaluate|Test-run|Execute] [this|the snippet below][, please|]:\n[```python\n{code}\n"
+        "```|{code}]",
+        "[Output of|Result of] this[ snippet| code|][, please|]:\n[```python\n{code}\n```|"
+        "{code}]",
     ),
     "run_shell": (
         "[please |]run [`{command}`|{command}|the command `{command}`|this command: {command}][ "
@@ -1012,6 +1022,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "What does `{command}` [print|output|return|say][ here| in this directory|]?",
         "[Execute|Launch] `{command}`[ in bash| in a shell| on the command line|][, please|].",
         "`{command}`[ please|, what does it give?| — run that, please.]",
+        "I want to see what `{command}` [prints|returns][ here| on this machine|].",
+        "I'm [checking|debugging] [the setup|something]. [Run|Execute] `{command}`[ and show me "
+        "the result|].",
+        "What happens [if|when] I run `{command}`[ here| on this box|]?",
+        "[Shell|Bash|Terminal][:| command:] `{command}`",
+        "[Invoke|Go ahead and run|Kick off] `{command}`[, please|][ and report back|].",
     ),
     "read_file": (
         "[please |]show me [the contents of |what's in |][{path}|`{path}`|the file {path}][ "
@@ -1020,6 +1036,11 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "What does [{path}|`{path}`] [say|contain|look like][ right now|]?",
         "I'd like to [read|look at|see the contents of] [{path}|`{path}`].",
         "[Read|Open|Print|Cat] [{path}|`{path}`|the file {path}][ for me|][ please|].",
+        "I need to [check|review|go through] [{path}|`{path}`]. [Show|Print] it[ for me|].",
+        "Can I [see|have a look at] [{path}|`{path}`][, please|]?",
+        "[Contents of|Dump] [{path}|`{path}`][, please|].",
+        "I'm editing [{path}|`{path}`][ next|]. What's in it[ at the moment| now|]?",
+        "[Pull up|Bring up|Fetch|Load] [{path}|`{path}`|the file {path}][ for me|].",
     ),
     "list_files": (
         "[please |]list [the |all the |all |]files [in|under|inside] [{path}|`{path}`|the {path} "
@@ -1031,6 +1052,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[List|Show me] [the files in |everything in |the contents of |]the "
         "[current|project|top-level] [folder|directory].",
         "What files [are there|do we have|do I have][ in this folder| in the project|]?",
+        "I need [a list of|to see] the files [in|under] [{path}|`{path}`].",
+        "[Is there anything|Are there any files] [in|inside] [{path}|the {path} folder][ yet|]?",
+        "[Files in|Files under] [{path}|`{path}`][, please|]",
+        "[I'm new to this project.|I just cloned this repo.] What [files are|is] in [{path}|the "
+        "{path} folder]?",
+        "[Browse|Look through|Peek into] [the current folder|this directory|{path}][ for me|].",
     ),
     "search_code": (
         "[please |]search [the code|the codebase|the project|the repo|{path}] for `{pattern}`.",
@@ -1040,6 +1067,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         _ASK + "[look for|find|grep for] `{pattern}` [in {path}|in the code|in the project|]?",
         "Show me [every line|the lines|each line] [with|containing|that has] `{pattern}`[ in "
         "{path}|].",
+        "Is `{pattern}` [used|referenced|mentioned] anywhere[ in {path}|]?",
+        "[I want|I'd like] to find all [usages|occurrences|uses] of `{pattern}`[ in {path}| "
+        "under {path}|].",
+        "[Occurrences|Usages|Matches] of `{pattern}`[ in {path}|][, please|]",
+        "I'm [refactoring|cleaning up] [the code|{path}]. Where does `{pattern}` "
+        "[occur|appear]?",
+        "[Scan|Comb through|Hunt through] [the code|the repo|{path}] for `{pattern}`[ please|].",
     ),
     "write_file": (
         "[please |]write [this|the following|these lines] [to|into] "
@@ -1050,6 +1084,11 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Put the following [text |content |]in [{path}|`{path}`]:\n{content}",
         "{content}\n[Save that to|Write that to|Store this in|Save this as] [{path}|`{path}`][, "
         "please|].",
+        "[I need|I want|I'd like] [a|a new] file at [{path}|`{path}`] containing:\n{content}",
+        "Would you [overwrite|replace] [{path}|`{path}`] with [this|the text below]?\n{content}",
+        "[New file|File] [{path}|`{path}`]:\n{content}",
+        "Here's the [new|updated] [file|content]. Store it [in|as] [{path}|`{path}`]:\n{content}",
+        "[Dump|Drop|Stick] [this|the following] into [{path}|`{path}`][ for me|]:\n{content}",
     ),
     "git_status": (
         "[What's|What is] the [git |repo |repository |]status[ of the repo| here|]?",
@@ -1059,6 +1098,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Which files [are modified|are untracked|are staged|have I touched][ in the repo|]?",
         "Is the [working directory|repo|repository] clean?",
         "Run git status[ for me|].",
+        "I'm about to [commit|push|switch branches]. What's [pending|uncommitted|not yet "
+        "staged]?",
+        "I[ want|'d like] to know what's [changed|modified|staged] in [the repo|this checkout].",
+        "[Repo|Working tree|Branch] status[, please|].",
+        "How [dirty|clean] is [my|the] [working copy|checkout]?",
+        "[List|Report] the [staged and unstaged|untracked|pending] files[ in this checkout|].",
     ),
     "git_diff": (
         "[Show|Give] me the [git |]diff[ for {path}| of my changes|].",
@@ -1066,6 +1111,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         _ASK + "show me [my|the] [unstaged|uncommitted] changes[ to {path}| in {path}|]?",
         "Diff [{path}|`{path}`][, please|].",
         "How does {path} differ from the last commit?",
+        "I'm about to [commit|open a PR|push]. [What changed in|What's different in] "
+        "[{path}|`{path}`]?",
+        "I [want|need] to review my [edits|modifications|changes][ to {path}| in {path}|].",
+        "[Changes|Edits] [in|to] [{path}|`{path}`][?|, please.]",
+        "Which lines [have I edited|have I touched][ in {path}| so far|]?",
+        "[Compare|Check] [{path}|the working tree|my working copy] against [HEAD|the last "
+        "commit][, please|].",
     ),
     "run_tests": (
         "[please |]run [the|all the|all] tests[ now| again|].",
@@ -1074,12 +1126,26 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         ("Run the tests [in {path} |]with [verbose output|-v|full output].", {"verbose": True}),
         "Run pytest[ on {path}|].",
         _ASK + "run the [test suite|tests][ in {path}|]?",
+        "Is [anything|any test] [failing|broken][ in {path}|] right now?",
+        "I just [pushed a fix|refactored some code|changed a few files]. [Do the tests still "
+        "pass|Is the suite still green][ in {path}|]?",
+        ("I want [detailed|verbose|per-test] output from the tests[ in {path}|].",
+         {"verbose": True}),
+        "[Test|Run the suite on] [{path}|`{path}`][, please|].",
+        ("[Kick off|Trigger] a [quiet|non-verbose] test run[ on {path}|].", {"verbose": False}),
     ),
     "pip_install": (
         "[please |]install [the |]{package}[ package|][ for me|].",
         _ASK + "[install|add|pip install] {package}[ for me|]?",
         "Add {package}[ version {version}| {version}|] to the environment.",
         "Set up {package}[ version {version}|][ for me|].",
+        "[Could I get|Can I have] {package}[ version {version}|] [installed|set up]?",
+        "[I need|This project needs] {package}[ (version {version})| pinned to {version}| at "
+        "version {version}|].",
+        "`pip install {package}[=={version}|]` [in this venv|into the environment|, thanks]",
+        "[My script can't import {package}.|{package} is missing from the environment.] "
+        "[Install|Add] it[, version {version}|][ please|].",
+        "[Grab|Fetch|Pull in] {package}[ {version}| version {version}|] [from PyPI|with pip].",
     ),
     "find_files": (
         "Find [all |every |the |]{pattern} files[ in {path}| under {path}|].",
@@ -1087,6 +1153,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Locate [all |]files [named|like] `{pattern}`[ in {path}| under {path}|].",
         "[List|Show me] every file [that matches|named like] {pattern}[ under {path}|].",
         "Are there any {pattern} files[ in {path}|]?",
+        "How many {pattern} files [are there|do we have][ in {path}| under {path}|]?",
+        "I [need|want] [a list of|the paths to] all {pattern} files[ in {path}| under {path}|].",
+        "[Glob|Files matching] `{pattern}`[ in {path}| under {path}|]",
+        "I'm [cleaning up|auditing] the [repo|project]. Where are the {pattern} files[ in "
+        "{path}|]?",
+        "[Track down|Hunt down|Gather] [every|each] file matching `{pattern}`[ under {path}| in "
+        "{path}|].",
     ),
     "calculator": (
         "[What's|What is] {expression}[ exactly|]?",
@@ -1095,6 +1168,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "How much [is {expression}|does {expression} come to|does {expression} make]?",
         "[Quick math|Math question]: {expression}",
         "What do you get [for|from] {expression}?",
+        "I'd like to know [the answer to|the value of] {expression}.",
+        "I'm [splitting a bill|checking some numbers|doing my budget]. [What's|What is] "
+        "{expression}?",
+        "{expression} [= ?|=|equals what?]",
+        "Do you know what {expression} [is|equals|comes to]?",
+        "[Figure out|Crunch|Do the math on] {expression}[ for me|][, please|].",
     ),
     "convert_units": (
         "[please |]convert {value} {from_unit} [to|into] {to_unit}.",
@@ -1102,6 +1181,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[What's|What is] {value} {from_unit} [in|as] {to_unit}?",
         _ASK + "convert {value} {from_unit} to {to_unit}?",
         "I [need|want] {value} {from_unit} [in|converted to|expressed in] {to_unit}.",
+        "[I'd like to know|I have to figure out] how many {to_unit} [are in|make up] {value} "
+        "{from_unit}.",
+        "[The spec says|My notes say|The label reads] {value} {from_unit}. Convert that to "
+        "{to_unit}[, please|].",
+        "{value} {from_unit} [->|=>|into] {to_unit}[, please|]",
+        "[Any idea|Do you know] how many {to_unit} {value} {from_unit} [is|comes to]?",
+        "[Express|Give me|Show] {value} {from_unit} in {to_unit}[, please|].",
     ),
     "get_weather": (
         "[What's|What is|How's] the weather [in|for|like in] {city}[ today| right now| at the "
@@ -1110,6 +1196,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[Tell me|Show me|Check] the [current |]weather in {city}[ in {units}|].",
         "[Weather|Current conditions] in {city}[ in {units}|][, please|].",
         "What temperature is it in {city}[ in {units}|]?",
+        "[Do I need|Should I bring] [an umbrella|a jacket|a coat] in {city}[ today|]?",
+        "[I'd like|I want] [the|a] weather [report|update] for {city}[ in {units}|].",
+        "[Weather|Temp|Conditions] {city}[, {units}|]",
+        "I'm [heading to|flying to|visiting] {city}[ today| this afternoon|]. [How's the weather "
+        "there|Is it nice out there|What are conditions like there]?",
+        "How [hot|cold|warm] is it in {city}[ in {units}|][ right now|]?",
     ),
     "get_forecast": (
         "[What's|What is] the [weather |]forecast for {city} [for|over] the next {days} days?",
@@ -1117,6 +1209,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Will it [rain|snow|be sunny] in {city} [in|over] the next {days} days?",
         "Forecast [for|in] {city}[,| for] {days} days[, please|].",
         "What weather should I expect in {city} [over|during] the next {days} days?",
+        "I [need|want] the [weather |]outlook for {city} [for|over] the next {days} days.",
+        "[I'll be in|I'm traveling to|I'm visiting] {city} for the next {days} days. [Will it "
+        "rain|What weather can I expect|Do I need an umbrella]?",
+        "{days}-day [forecast|outlook][,| for] {city}[, please|]",
+        "[Pull up|Check|Look up] the [forecast|outlook] [for|in] {city}, next {days} days.",
+        "What does the [forecast|outlook] [look like|say] for {city} [over|across] the next "
+        "{days} days?",
     ),
     "create_event": (
         "Add [\"{title}\"|{title}] [to my calendar |]on {date} at {time}[ please|].",
@@ -1125,6 +1224,14 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[Make|Create] an event [named|titled] \"{title}\" [on|for] {date}[ at {time}|].",
         ("Mark {date} as [an all-day|a full-day] event: {title}.", {"all_day": True}),
         "Put {title} [in|on] my calendar for {date}[ at {time}|][, {duration_minutes} minutes|].",
+        "I need [{title}|\"{title}\"] on my calendar [for|on] {date}[ at {time}|].",
+        "[{title}|\"{title}\"] is on {date}[ at {time}|]. [Add it to my calendar|Put it on my "
+        "calendar][, please|].",
+        ("[{title}|\"{title}\"] takes [all day|the whole day] on {date}. [Add|Schedule] it.",
+         {"all_day": True}),
+        "[Could you|Can you] [book|reserve] {duration_minutes} minutes [on|for] {date} at {time} "
+        "for {title}?",
+        "[New event|Calendar][:|,] {title}, {date}[, {time}|][, {duration_minutes} min|]",
     ),
     "list_events": (
         "What's on my [calendar|schedule|agenda] [on|for] {date}?",
@@ -1132,6 +1239,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Do I have [anything|any meetings|any appointments] [on|scheduled for] {date}?",
         "What [meetings|events|appointments] do I have [on|for] {date}?",
         "Check my calendar for {date}[, please|].",
+        "I need to [know|see] what's [scheduled|booked|lined up] [for|on] {date}.",
+        "[I want to book something on {date}.|Someone wants to meet on {date}.] What's already "
+        "[scheduled|booked|on my calendar] [that day|then]?",
+        "[Agenda|Calendar|Appointments] for {date}[, please|]",
+        "How [busy|packed|full] is my [day|calendar] on {date}?",
+        "[Pull up|Read out|Go over] my [appointments|commitments|bookings] [for|on] {date}.",
     ),
     "set_timer": (
         "[please |]set a [{minutes}-minute|{minutes} minute] timer[ for the {label}| called "
@@ -1140,6 +1253,11 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Timer[:|,] {minutes} minutes[ for the {label}|][ please|].",
         _ASK + "time {minutes} minutes[ for the {label}|]?",
         "[Alert|Ping|Wake] me in {minutes} minutes[ for the {label}|].",
+        "I want [to be told|to know] when {minutes} minutes [are up|have passed].",
+        "The {label} [needs|takes] {minutes} minutes. [Time it|Set a timer][, please|].",
+        "{minutes} [min|minute] timer[ for the {label}|][, please|]",
+        "[Could|Would] you [buzz|beep] me in {minutes} minutes[ for the {label}|]?",
+        "[Kick off|Get going|Fire up] a {minutes}-minute timer[ for the {label}|].",
     ),
     "convert_currency": (
         "[please |]convert {amount} {from_currency} [to|into] {to_currency}.",
@@ -1147,6 +1265,13 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "How many {to_currency} [do I get|would I get] for {amount} {from_currency}?",
         "[Exchange|Change] {amount} {from_currency} [to|into|for] {to_currency}[ please|].",
         _ASK + "convert {amount} {from_currency} to {to_currency}?",
+        "[I'd like|I need] to [swap|change] {amount} {from_currency} for {to_currency}.",
+        "[The hotel costs|The ticket costs|My bill comes to] {amount} {from_currency}. What's "
+        "that [in|worth in] {to_currency}?",
+        "{from_currency} [to|into|->] {to_currency}[:|,] {amount}",
+        "[What would|How much would] {amount} {from_currency} [buy|get me] in {to_currency}?",
+        "What's the [{to_currency} value|value in {to_currency}] of {amount} {from_currency}[ "
+        "today| right now|]?",
     ),
     "translate_text": (
         "[please |]translate [\"{text}\"|{text}] [into|to] {target_language}.",
@@ -1155,6 +1280,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "What's the {target_language} [for|translation of] \"{text}\"?",
         "[In|Into] {target_language}[, please|]: {text}",
         "I need \"{text}\" in {target_language}.",
+        "My [friend|colleague|neighbor] speaks {target_language}. How [do I|would I|can I] "
+        "[say|write] \"{text}\"?",
+        "[Do you know|Any idea] how to [say|write] \"{text}\" in {target_language}?",
+        "\"{text}\" [in|->|into] {target_language}[?|]",
+        "[I'd like|I need] [a|the] {target_language} [version|rendering] of \"{text}\".",
+        "[Render|Rewrite] \"{text}\" in {target_language}[, please|].",
     ),
     "send_email": (
         "[please |]send an email to {to} [with the subject|titled|with subject] \"{subject}\"[ "
@@ -1163,6 +1294,16 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "Write an email to {to} about \"{subject}\" [that says|saying]: {body}",
         "[Mail|Message] {to}, subject \"{subject}\", saying: {body}",
         _ASK + "email {to}? Subject \"{subject}\", [text|message]: {body}",
+        "I'd like to [send|write] {to} an email [titled|with the subject] \"{subject}\"[. It "
+        "should say:|, saying:] {body}",
+        "I [have to|need to] update {to}. Send [an email|a note] with subject \"{subject}\" "
+        "[saying|that reads]: {body}",
+        "To: {to}\nSubject: {subject}\n[Body|Message]: {body}\n[Send it.|Send this.|Please "
+        "send.]",
+        "Would you [shoot|send] {to} a [quick |]email[ for me|]? Subject \"{subject}\", and it "
+        "should say: {body}",
+        "[Compose and send|Write up and send] [an email|a message] to {to} titled \"{subject}\" "
+        "[with the text|reading]: {body}",
     ),
     "get_time": (
         "What[ time is it| is the time| is the local time|'s the time] in {city}[ right now| "
@@ -1170,6 +1311,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[Tell me|Give me|Check] the [current |local |]time in {city}[ please|].",
         "[Current time|Local time|Time] in {city}[?|, please.]",
         "What's the clock [showing|at] in {city}[ now|]?",
+        "[Do you know|Any idea] what time it is in {city}[ right now|]?",
+        "I [have a call with|want to phone] [a colleague|a client] in {city}. Check the [local "
+        "|]time there[, please|].",
+        "[{city} time|{city} local time|Local time, {city}][?|]",
+        "[I need|I'd like to know] the [current |]time in {city}.",
+        "[Look up|Find out] what time it is [in|over in] {city}[ now|].",
     ),
     "add_todo": (
         "[please |]add [\"{task}\"|{task}] to my [to-do|todo|task] list[, due {due_date}|][ with "
@@ -1178,6 +1325,12 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "New [task|to-do|todo][:|,] {task}[, due {due_date}|][, {priority} priority|].",
         "I [have|need] to {task}[ by {due_date}|]. Add it to my [list|to-dos].",
         "Make a [{priority} priority |]to-do [item |]to {task}[, due {due_date}|].",
+        "I'd like [a new|a] to-do to {task}[ by {due_date}|][, {priority} priority|].",
+        "Could you [stick|put] \"{task}\" on my [task list|to-dos][ with {priority} priority|]?",
+        "[Task|To-do] for {due_date}[ ({priority} priority)|]: {task}",
+        "[I keep forgetting|I always forget] to {task}. [Put it on my to-do list|Add it "
+        "to my task list][ as {priority} priority|].",
+        "[Log|Record|Queue up] [a task|an item] to {task}[, due {due_date}|].",
     ),
     "get_directions": (
         "How do I get from {origin} to {destination}[ ({mode})|]?",
@@ -1186,15 +1339,192 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
         "[Show|Find] me [a|the] {mode} route from {origin} to {destination}.",
         "How far is it from {origin} to {destination}?",
         "I'm at {origin}. How do I get to {destination}[ ({mode})|]?",
+        "[I need|I'd like] [directions|a route] to {destination} from {origin}.",
+        "I'm [meeting a friend|due] at {destination} [soon|in an hour]. How long is the [{mode} "
+        "|]trip from {origin}?",
+        "[Route|Trip|Directions]: {origin} to {destination}[ ({mode})|]",
+        "Is {mode} [a good option|quick enough] [from {origin} to {destination}|to get from "
+        "{origin} to {destination}]?",
+        "[Please |][navigate|guide] me from {origin} to {destination}[ ({mode})|].",
     ),
     "play_music": (
-        "[please |]play [some |]{query}[ now|].",
+        "[please |]play {query}[ now|].",
         "Put on {query}[ please|].",
         "[I'd like to hear|I'm in the mood for|Let's hear] {query}.",
         "Start [playing |]{query}[ please|].",
         ("Shuffle [my |]{query}[ please|].", {"shuffle": True}),
         ("Play {query} in random order.", {"shuffle": True}),
         _ASK + "put on {query}?",
+        "I [need|could use] {query}[ right now| to focus| to relax].",
+        ("I'm [cooking|working out|cleaning up]. [Put on|Queue up] {query} and mix up the order.",
+         {"shuffle": True}),
+        "[Music|Queue]: {query}[, please|]",
+        "How about {query}[ now|]?",
+        "[Blast|Stream|Queue up|Spin] {query}[ please|].",
+    ),
+}
+
+
+# Training vague requests as choice grammars, added after each tool's fixed ones: each leaves
+# out exactly one required argument, so the assistant asks for it.
+_VAGUE_GRAMMAR: dict[str, tuple[str, ...]] = {
+    "run_python": (
+        "Would you [test|try out|execute] a [little|short] Python [snippet|script] for me?",
+        "I [need|want] to [run|test] some Python[ code|][ quickly|].",
+        "[Run|Execute] my [Python |]snippet[, please|].",
+        "I wrote a [small|quick] Python [function|script]. [Can you run it?|Will you run it for "
+        "me?|Please execute it.]",
+    ),
+    "run_shell": (
+        "[Can|Could] you run a [terminal|command-line] command[ for me|]?",
+        "I [need|want] to run a [quick |]command [in the terminal|on this machine].",
+        "Execute a [terminal|bash] command[ for me|].",
+        "[Something is off with|I'm debugging] [the server|my setup|the build]. [Can you run a "
+        "command for me?|Please run a shell command for me.]",
+    ),
+    "read_file": (
+        "[Can|Could] you [print|show me] a file [from the repo|in the project|]?",
+        "I [need|want] to [see|read|check] what's in a [config|source|log] file.",
+        "[Print|Cat|Dump] that file[ for me|].",
+        "[A setting seems off|I think there's a typo somewhere|Something in the config looks "
+        "wrong]. [Show me the file.|Can you read the file for me?]",
+    ),
+    "search_code": (
+        "[Can|Could] you search [{path}|the codebase|the repo] for [something|a string]?",
+        "I [need|want] to find where [something|a certain name] is used[ in {path}|].",
+        "[Grep|Search] [{path}|the code][, please|].",
+        "I'm [renaming|refactoring] [something|a function] in [{path}|the project]. [Can you "
+        "search for its uses?|Find every place it appears.]",
+    ),
+    "write_file": (
+        "[Can|Could] you write [some text|a few lines] [to|into] [{path}|`{path}`]?",
+        "I [need|want] [this|the text below] in a new file:\n{content}",
+        "[Write to|Overwrite|Update] [{path}|`{path}`][, please|].",
+        "[I'm done with|I finished] [the draft|this text]. Put it in a file[ for me|]:\n{content}",
+    ),
+    "pip_install": (
+        "[Can|Could] you pip install a [library|dependency] for me[ into this venv|]?",
+        "I need [one more|another] [package|library][ in this environment|].",
+        "[Install|Add] a dependency[, please|].",
+        "[This project|My script] needs [an extra|one more] library. [Can you install it?|Please "
+        "install it.]",
+    ),
+    "find_files": (
+        "[Can|Could] you find [some|certain] files[ in {path}| under {path}|] for me?",
+        "I [need|want] to locate [a few|some] files[ in {path}| under {path}|].",
+        "[Find|Locate] files by [name|pattern][ in {path}|].",
+        "I'm [tidying up|reorganizing] [{path}|the repo]. [Find all files of a certain type.|Can "
+        "you find files of one kind for me?]",
+    ),
+    "calculator": (
+        "Would you help me [crunch|work out] [a few numbers|some figures]?",
+        "I [need|want] [something|a number] [worked out|calculated].",
+        "[Calculate|Compute] something[ for me|][, please|].",
+        "I'm [doing my taxes|splitting a bill|checking an invoice]. [Can you do the math?|Work "
+        "out the total for me.]",
+    ),
+    "convert_units": (
+        "[Can|Could] you convert [my reading|my measurement|a value] from {from_unit} to "
+        "{to_unit}[ for me|]?",
+        "I [need|want] {value} {from_unit} [converted|expressed in another unit][ for a recipe| "
+        "for a report|].",
+        "[Change|Turn] {value} {from_unit} into [another|a different] unit[, please|].",
+        "[My notes just say|The label only says|The old recipe says] {value}[, no unit| without a "
+        "unit]. [Convert it to {to_unit}.|What is that in {to_unit}?]",
+    ),
+    "get_weather": (
+        "[How's|What's] the weather [in my hometown|where my parents live|at my destination][ "
+        "today|]?",
+        "I [need|want] the [current |]weather[ in {units}|] for [a city|the city I'm flying to].",
+        "[Weather|Temperature] check[ in {units}|][, please|].",
+        "I'm [packing for a trip|heading out of town|about to travel]. [What's the weather like "
+        "there?|Check the weather there for me.]",
+    ),
+    "get_forecast": (
+        "[Can|Could] you get me a multi-day [weather |]forecast [for {city}|for the {city} area]?",
+        "I [need|want] the forecast for the next {days} days[ where I'm going| at my "
+        "destination|].",
+        "{days}-day [forecast|outlook][, please|].",
+        "I'm [visiting|traveling to|going to] {city} [soon|next week]. [Show me the forecast for "
+        "my stay.|What's the outlook for my trip?]",
+    ),
+    "create_event": (
+        "[Can|Could] you put [{title}|\"{title}\"] on my calendar[ for {duration_minutes} "
+        "minutes|]?",
+        "I [need|want] [an event|a slot] on my calendar [on|for] {date}[ at {time}|].",
+        "[New event|Calendar entry] on {date}[ at {time}|][, {duration_minutes} min|].",
+        "[{title}|\"{title}\"] [got moved|was rescheduled|is confirmed]. [Put it on my calendar.|"
+        "Can you add it to my calendar?]",
+    ),
+    "list_events": (
+        "[What's|What is] on my [schedule|agenda] for [the day of the conference|my day off|the "
+        "day of the move]?",
+        "I [need|want] to [check|see] my [calendar|schedule] for a [specific|particular] day.",
+        "[Show|List] my [events|appointments] for [a specific date|a particular day].",
+        "[A friend wants to meet up|My manager wants a call|I'm planning a dentist visit]. [What "
+        "do I have booked that day?|Check my calendar for that day.]",
+    ),
+    "set_timer": (
+        "[Can|Could] you time [the {label}|my {label}] for me?",
+        "I [need|want] the {label} timed[, please|].",
+        "[Timer|Countdown][ for the {label}|], please.",
+        "[I'm starting|I'm about to start] the {label}. [Set a timer for it.|Can you time it for "
+        "me?]",
+    ),
+    "convert_currency": (
+        "[How much is|What's] my [budget|balance|deposit] in {from_currency} worth in "
+        "{to_currency}?",
+        "I [need|want] {amount} {from_currency} [converted|changed into another currency][ before "
+        "my trip|].",
+        "[Convert|Exchange] {amount} {from_currency}[ into something else| into another "
+        "currency][, please|].",
+        "[I was quoted|The invoice says|A friend owes me] {amount}[ but no currency| with no "
+        "currency named]. [What's that in {to_currency}?|Convert it to {to_currency}.]",
+    ),
+    "translate_text": (
+        "How [do I|would I|do you] say \"{text}\" in [another|a foreign] language?",
+        "I [need|want] [a sentence|a phrase|something] translated into {target_language}.",
+        "Translate[:|] \"{text}\"[, please|].",
+        "[I'm writing to|I'm texting] [a friend|my host family|a pen pal] in {target_language}. "
+        "[Can you translate a line for me?|Help me translate a sentence.]",
+    ),
+    "send_email": (
+        "[Can|Could] you send an email [titled|with the subject] \"{subject}\"? [It should say|"
+        "The body is]: {body}",
+        "I [need|want] to email {to} [about|regarding] \"{subject}\".",
+        "[Mail|Email] {to}. [Body|Text]: {body}",
+        "[I wrote|I drafted] a [note|message] titled \"{subject}\". [Send it out, please|Please "
+        "email it]: {body}",
+    ),
+    "get_time": (
+        "[What's|What is] the local time [where my client is|where my sister lives|in the city "
+        "I'm calling]?",
+        "I [need|want] to know the [local |current |]time in another city.",
+        "Check the local time in [a different|another] city[ for me|].",
+        "I have a call with [a client|a colleague|my family] overseas. What time is it [there|"
+        "over there][ now| right now|]?",
+    ),
+    "add_todo": (
+        "[Can|Could] you add [a task|an item] to my [to-do|task] list[ for {due_date}|]?",
+        "I [need|want] a new [{priority} priority |]to-do[, due {due_date}|].",
+        "[New|Add a] to-do[, {priority} priority|][, due {due_date}|].",
+        "[I just remembered something|There's something I keep forgetting]. [Put it on my "
+        "to-do list.|Can you add it to my tasks?]",
+    ),
+    "get_directions": (
+        "[How do I get|What's the quickest route] from {origin} to [my meeting|the venue|my "
+        "hotel][ ({mode})|]?",
+        "I [need|want] [directions|a route] to {destination}[ ({mode})|].",
+        "[Directions|Route] from {origin}[, please|].",
+        "I [have to be|need to be] at {destination} [soon|in an hour]. [How long will the trip "
+        "take?|Find me a {mode} route.]",
+    ),
+    "play_music": (
+        "[Can|Could] you play [a song|an album|a playlist] I['m thinking of| have in mind]?",
+        "[I'd like|I want] to hear a [particular|specific] [song|artist|album].",
+        "[Play|Queue up|Start] my [playlist|album|mix][, please|].",
+        "[There's a song stuck in my head|I heard a great album yesterday]. [Can you play it?|"
+        "Play it for me.]",
     ),
 }
 
@@ -1569,7 +1899,7 @@ def _everyday_tools_2() -> list[ToolDef]:
               [Param("query", "string", "", _choice(MUSIC),
                      ask=("What would you like to listen to?",)),
                Param("shuffle", "boolean", "", lambda rng: True, required=False)],
-              requests=("Play {query}.", "Put on some {query}.",
+              requests=("Play {query}.", "Put {query} on.",
                         ("Shuffle {query}.", {"shuffle": True}), "I want to listen to {query}."),
               eval_requests=("Turn on {query}.",
                              ("Play {query} on shuffle.", {"shuffle": True})),
