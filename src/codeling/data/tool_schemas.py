@@ -1366,7 +1366,7 @@ _REQUEST_GRAMMAR: dict[str, tuple[str | tuple[str, dict], ...]] = {
 
 
 # Training vague requests as choice grammars, added after each tool's fixed ones: each leaves
-# out exactly one required argument, so the assistant asks for it.
+# out exactly one required argument, so the expected reply is a clarifying question.
 _VAGUE_GRAMMAR: dict[str, tuple[str, ...]] = {
     "run_python": (
         "Would you [test|try out|execute] a [little|short] Python [snippet|script] for me?",
