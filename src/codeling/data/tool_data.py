@@ -95,8 +95,8 @@ EVAL_BLOCK_FOLLOW_UPS = (("follow_up/e2", "Here it is:\n{value}"),)
 OPENERS = ("Hey, ", "Hi! ", "Hello. ", "OK, ", "Quick one: ", "Hmm, ", "Sorry to bother you. ",
            "Hi there. ")
 CLOSERS = (" Thanks!", " Thank you.", " Thanks in advance.", " Cheers.", " Thanks a lot.")
-# A sentence of context before the request: more than one sentence does not mean more than one
-# call. None of them hints at a tool.
+# Sentences of context put before a training request, so that a second sentence does not read as
+# a second request. None of them names or hints at a tool.
 CONTEXTS = ("I'm working on a side project. ", "This is for work. ", "Busy day today. ",
             "I have a few minutes before a meeting. ", "No rush on this. ",
             "I'm still new to all this. ", "Something came up. ",
@@ -359,8 +359,7 @@ class _ExampleWriter:
         return template, text, _call(tool.name, tool.arguments(template, values))
 
     def _dress(self, template: Template, text: str) -> str:
-        """Vary a training request the way people type: a greeting, a thank-you, no capital,
-        a sentence of context first."""
+        """Vary a training request: a greeting, a thank-you, no capital or a context sentence."""
         draw = self.rng.random()
         bounds = itertools.accumulate(DRESS_SHARES.values())
         dress = next((name for name, bound in zip(DRESS_SHARES, bounds) if draw < bound), None)
